@@ -1,0 +1,34 @@
+"""Local text for benchmarks, materialised at run time from the Python interpreter itself (nothing committed).
+
+`pydoc-a.txt` and `pydoc-b.txt` split the language-reference topics of the standard library's `pydoc_data`
+module (alternate topics in sorted order), so calibration and evaluation read different documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_DIR = Path(".bench-cache/text")
+
+
+def pydoc_split(directory: Path = DEFAULT_DIR) -> tuple[Path, Path]:
+    """Write (if needed) and return the two halves of the pydoc topics as local text files."""
+    from pydoc_data.topics import topics
+
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = sorted(topics)
+    paths = []
+    for part, offset in (("a", 0), ("b", 1)):
+        path = directory / f"pydoc-{part}.txt"
+        if not path.exists():
+            path.write_text("\n\n".join(topics[k] for k in keys[offset::2]))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    for p in pydoc_split(parser.parse_args().dir):
+        print(p)

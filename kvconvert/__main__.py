@@ -1,0 +1,3 @@
+from kvconvert.cli import main
+
+main()

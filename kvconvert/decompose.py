@@ -1,0 +1,147 @@
+"""Decompose stage: calibration statistics + attention weights -> compression plan. No IO."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from kvconvert.families import AttentionGeometry
+from kvconvert.merge import grouping as grp
+from kvconvert.merge.methods import METHODS, GroupProblem, MergeLoss
+from kvconvert.merge.moments import AttentionWeights, LayerMoments, layer_moments
+from kvconvert.merge.pca import psd_sqrt
+from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
+
+GROUPINGS = ("search", "adjacent")
+
+
+def group_problem(
+    lm: LayerMoments,
+    queries: tuple[int, ...],
+    geom: AttentionGeometry,
+    coherence: torch.Tensor,
+    sqrt_cache: dict | None = None,
+) -> tuple[tuple[int, ...], GroupProblem]:
+    """The sources (old KV heads read by `queries`) and the moments of their merge.
+
+    `sqrt_cache` memoises the weight square roots per (source, queries reading it) across calls.
+    """
+    d, n_rep = geom.head_dim, geom.n_rep
+    sources = tuple(sorted({i // n_rep for i in queries}))
+    dev = lm.key_moment.device
+    idx = torch.cat([torch.arange(s * d, (s + 1) * d) for s in sources]).to(dev)
+    n_pairs, n_pass = lm.query_pair_energy.shape[1], lm.query_pass_moment.shape[1]
+    pair_energy = torch.zeros(len(sources), n_pairs, dtype=torch.float64, device=dev)
+    pass_moment = torch.zeros(len(sources), n_pass, n_pass, dtype=torch.float64, device=dev)
+    out_gram = torch.zeros(len(sources), d, d, dtype=torch.float64, device=dev)
+    for i in queries:
+        s = sources.index(i // n_rep)
+        pair_energy[s] += lm.query_pair_energy[i]
+        pass_moment[s] += lm.query_pass_moment[i]
+        out_gram[s] += lm.out_gram[i]
+    cache = {} if sqrt_cache is None else sqrt_cache
+    pass_sqrt, out_sqrt = [], []
+    for s, src in enumerate(sources):
+        key = (src, tuple(i for i in queries if i // n_rep == src))
+        if key not in cache:
+            cache[key] = (psd_sqrt(pass_moment[s]), psd_sqrt(out_gram[s]))
+        pass_sqrt.append(cache[key][0])
+        out_sqrt.append(cache[key][1])
+    cpu = torch.device("cpu")
+    problem = GroupProblem(
+        head_dim=d,
+        rotary_dim=geom.rotary_dim,
+        key_moment=lm.key_moment[idx][:, idx].to(cpu),
+        key_mean=lm.key_mean[idx].to(cpu),
+        value_moment=lm.value_moment[idx][:, idx].to(cpu),
+        query_pair_energy=pair_energy.to(cpu),
+        query_pass_sqrt=torch.stack(pass_sqrt).to(cpu),
+        out_sqrt=torch.stack(out_sqrt).to(cpu),
+        pair_coherence=coherence,
+    )
+    return sources, problem
+
+
+def plan_layer(
+    lm: LayerMoments,
+    geom: AttentionGeometry,
+    n_new: int,
+    method: str,
+    grouping: str,
+    coherence: torch.Tensor,
+) -> LayerPlan:
+    """Choose the groups (per `grouping`) and merge each with `method`."""
+    m = METHODS[method]
+    n_kv, n_rep = geom.num_kv_heads, geom.n_rep
+    sqrt_cache: dict = {}
+    losses: dict[tuple[int, ...], MergeLoss] = {}
+
+    def problem(queries: tuple[int, ...]) -> tuple[tuple[int, ...], GroupProblem]:
+        return group_problem(lm, queries, geom, coherence, sqrt_cache)
+
+    def loss(queries: tuple[int, ...]) -> MergeLoss:
+        if queries not in losses:
+            losses[queries] = m.loss(problem(queries)[1])
+        return losses[queries]
+
+    def head(queries: tuple[int, ...]) -> NewHead:
+        sources, p = problem(queries)
+        return NewHead(queries, sources, m.merge(p))
+
+    def queries_of(kv_heads: Iterable[int]) -> tuple[int, ...]:
+        return tuple(q for h in kv_heads for q in range(h * n_rep, (h + 1) * n_rep))
+
+    chunk = geom.num_heads // n_new
+
+    def chunked(order: list[int]) -> list[tuple[int, ...]]:
+        qs = queries_of(order)
+        return [qs[j * chunk : (j + 1) * chunk] for j in range(n_new)]
+
+    adjacent = chunked(list(range(n_kv)))
+    key_total = sum(loss(q).key_total for q in adjacent) or 1.0
+    value_total = sum(loss(q).value_total for q in adjacent) or 1.0
+
+    def cost_q(queries: tuple[int, ...]) -> float:
+        lq = loss(queries)
+        return lq.key_loss / key_total + lq.value_loss / value_total
+
+    def cost_kv(kv_heads: tuple[int, ...]) -> float:
+        return cost_q(queries_of(kv_heads))
+
+    if grouping == "adjacent":
+        assignment = adjacent
+    elif n_kv % n_new == 0:
+        assignment = [queries_of(g) for g in grp.search_groups(n_kv, n_kv // n_new, cost_kv)]
+    else:
+        ordered = chunked(grp.chain_order(n_kv, cost_kv))
+        assignment = min((ordered, adjacent), key=lambda a: sum(map(cost_q, a)))
+    return LayerPlan(tuple(head(q) for q in assignment))
+
+
+def decompose(
+    moments_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    weights_of: Callable[[int], AttentionWeights],
+    geom: AttentionGeometry,
+    n_new: int,
+    method: str = "weighted",
+    grouping: str = "search",
+    coherence: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    on_layer: Callable[[int], None] | None = None,
+) -> CompressionPlan:
+    """Plan every layer. `moments_of(layer)` gives (E[x xᵀ], E[x]) of the attention input in float64."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
+    if coherence is None:
+        coherence = torch.zeros(geom.rotary_dim // 2, dtype=torch.float64)
+    layers = []
+    for layer in range(geom.num_layers):
+        second, mean = moments_of(layer)
+        lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
+        layers.append(plan_layer(lm, geom, n_new, method, grouping, coherence))
+        if on_layer:
+            on_layer(layer)
+    return CompressionPlan(method, grouping, geom.num_kv_heads, n_new, tuple(layers))

@@ -1,0 +1,1 @@
+"""The merge math: pure tensor functions, no IO."""

@@ -1,0 +1,80 @@
+"""Second moments of projections, W E[x xᵀ] Wᵀ, from the attention input's float64 sums."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvconvert.families import AttentionGeometry
+from kvconvert.merge import rope
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One layer's attention projections as stored (out_features, in_features); biases optional."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    v_weight: torch.Tensor
+    o_weight: torch.Tensor
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerMoments:
+    """All moments one layer's merges read, for every KV head and query head."""
+
+    key_moment: torch.Tensor  # (n_kv*d, n_kv*d)
+    key_mean: torch.Tensor  # (n_kv*d,)
+    value_moment: torch.Tensor  # (n_kv*d, n_kv*d)
+    query_pair_energy: torch.Tensor  # (n_heads, pairs)
+    query_pass_moment: torch.Tensor  # (n_heads, p, p)
+    out_gram: torch.Tensor  # (n_heads, d, d)
+
+
+def _moment(wx: torch.Tensor, w: torch.Tensor, wm: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """E[y yᵀ] for y = W x + b given W·E[xxᵀ] (wx), W and W·E[x] (wm)."""
+    c = wx @ w.T
+    if b is not None:
+        c = c + torch.outer(wm, b) + torch.outer(b, wm) + torch.outer(b, b)
+    return (c + c.T) / 2
+
+
+def layer_moments(
+    weights: AttentionWeights, second: torch.Tensor, mean: torch.Tensor, geom: AttentionGeometry
+) -> LayerMoments:
+    """Moments of keys, values and queries for one layer; all arithmetic in float64 on `second`'s device."""
+    dev = second.device
+
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dev, torch.float64)
+
+    q, k, v, o = (f64(t) for t in (weights.q_weight, weights.k_weight, weights.v_weight, weights.o_weight))
+    qb, kb, vb = f64(weights.q_bias), f64(weights.k_bias), f64(weights.v_bias)
+    d, nh = geom.head_dim, geom.num_heads
+
+    km = k @ mean + (kb if kb is not None else 0)
+    key_moment = _moment(k @ second, k, k @ mean, kb)
+    value_moment = _moment(v @ second, v, v @ mean, vb)
+
+    qx = q @ second
+    qm = q @ mean
+    diag = (qx * q).sum(-1)
+    if qb is not None:
+        diag = diag + 2 * qb * qm + qb * qb
+    diag = diag.reshape(nh, d)
+    re, im, ps = rope.pair_dims(d, geom.rotary_dim)
+    pair_energy = diag[:, re] + diag[:, im]
+
+    pass_moment = torch.zeros(nh, len(ps), len(ps), dtype=torch.float64, device=dev)
+    for i in range(nh):
+        if len(ps):
+            rows = i * d + ps.to(dev)
+            pass_moment[i] = _moment(qx[rows], q[rows], qm[rows], None if qb is None else qb[rows])
+
+    o_heads = o.reshape(o.shape[0], nh, d).permute(1, 0, 2)  # (nh, hidden, d)
+    out_gram = o_heads.transpose(1, 2) @ o_heads
+    return LayerMoments(key_moment, km, value_moment, pair_energy, pass_moment, out_gram)

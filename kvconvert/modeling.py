@@ -1,0 +1,47 @@
+"""Load stock transformers models and tokenizers on a chosen device and dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from kvconvert.checkpoint import Checkpoint
+from kvconvert.errors import KVConvertError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KVConvertError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 on CPU and bfloat16 on accelerators."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise KVConvertError(f"unknown dtype {dtype}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(ckpt: Checkpoint | str, device: torch.device, dtype: torch.dtype):
+    """Stock `AutoModelForCausalLM` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = ckpt.path if isinstance(ckpt, Checkpoint) else ckpt
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device))
+    return model.eval()
+
+
+def load_tokenizer(ckpt: Checkpoint | str):
+    from transformers import AutoTokenizer
+
+    path = ckpt.path if isinstance(ckpt, Checkpoint) else ckpt
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise KVConvertError(f"no usable tokenizer in {path}: {str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,174 @@
+"""The calibrate -> decompose -> export -> verify pipeline behind `kvconvert compress`, with stage timings."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvconvert import __version__
+from kvconvert.calibrate import calibrate
+from kvconvert.card import model_card
+from kvconvert.checkpoint import Checkpoint, resolve
+from kvconvert.decompose import decompose
+from kvconvert.errors import KVConvertError
+from kvconvert.export import prepare_output, write_checkpoint
+from kvconvert.merge.rope import pair_coherence
+from kvconvert.modeling import resolve_device, resolve_dtype
+from kvconvert.plan import CompressionPlan
+from kvconvert.progress import Progress, Silent
+from kvconvert.stats import CalibrationStats
+from kvconvert.targets import parse_heads
+from kvconvert.verify import VerifyResult, converted_in_memory, verify
+
+
+@dataclass
+class CalibrationRequest:
+    dataset: str = "self"
+    samples: int = 128
+    seq_len: int = 2048
+    batch_size: int = 1
+    seed: int = 0
+    text_field: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class CompressRequest:
+    model: str
+    heads: str
+    output: Path
+    method: str = "weighted"
+    grouping: str = "search"
+    stats: Path | None = None
+    calibration: CalibrationRequest = field(default_factory=CalibrationRequest)
+    verify: bool = True
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+
+
+@dataclass
+class CompressResult:
+    output: Path
+    plan: CompressionPlan
+    timings: dict[str, float]
+    verify: VerifyResult | None
+
+
+def run_calibration(ckpt: Checkpoint, req: CalibrationRequest, progress: Progress | None = None) -> CalibrationStats:
+    device = resolve_device(req.device)
+    return calibrate(
+        ckpt,
+        req.dataset,
+        req.samples,
+        req.seq_len,
+        req.batch_size,
+        device,
+        resolve_dtype(req.dtype, device),
+        seed=req.seed,
+        text_field=req.text_field,
+        progress=progress,
+    )
+
+
+ROPE_HORIZON = 4096
+"""Context (tokens) over which a constant pre-RoPE key offset counts as a harmless softmax shift (see
+`merge.rope.pair_coherence`); 4096 measured best among 512-32768 on SmolLM2 (docs/method.md)."""
+
+
+def rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def plan_compression(
+    ckpt: Checkpoint,
+    stats: CalibrationStats,
+    n_new: int,
+    method: str,
+    grouping: str,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> CompressionPlan:
+    geom = ckpt.family.geometry(ckpt.config)
+    coherence = pair_coherence(rope_theta(ckpt.config), geom.rotary_dim, ROPE_HORIZON)
+    advance = (progress or Silent()).task("decomposing", geom.num_layers)
+    return decompose(
+        stats.moments,
+        ckpt.attention,
+        geom,
+        n_new,
+        method,
+        grouping,
+        coherence=coherence,
+        device=device if device.type == "cuda" else "cpu",
+        on_layer=lambda _: advance(),
+    )
+
+
+def run_compress(req: CompressRequest, progress: Progress | None = None) -> CompressResult:
+    progress = progress or Silent()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ckpt = resolve(req.model)
+    geom = ckpt.family.geometry(ckpt.config)
+    n_new = parse_heads(req.heads, geom)
+    prepare_output(req.output, ckpt.path, req.overwrite)
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if req.stats is not None:
+        stats = CalibrationStats.load(req.stats)
+        stats.check_model(ckpt.fingerprint(), req.stats)
+    else:
+        stats = run_calibration(ckpt, req.calibration, progress)
+    timings["calibrate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    device = resolve_device(req.calibration.device)
+    plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress)
+    timings["decompose"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    record = conversion_record(ckpt, plan, stats)
+    extra = {"kvconvert.json": json.dumps(record, indent=2) + "\n", "README.md": model_card(record)}
+    write_checkpoint(
+        ckpt,
+        plan,
+        req.output,
+        extra_files=extra,
+        max_shard_size=req.max_shard_size,
+        overwrite=req.overwrite,
+        progress=progress,
+    )
+    timings["export"] = time.perf_counter() - t0
+
+    result = None
+    if req.verify:
+        t0 = time.perf_counter()
+        result = verify(req.output, converted_in_memory(ckpt, plan))
+        timings["verify"] = time.perf_counter() - t0
+        if not result.ok:
+            raise KVConvertError(
+                f"reloaded output differs from the in-memory conversion (max |Δlogit| {result.max_abs_diff:.3g}); "
+                "please report this"
+            )
+    return CompressResult(req.output, plan, timings, result)
+
+
+def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: CalibrationStats) -> dict:
+    """What kvconvert.json records: source, calibration, and the plan (groups, retained energy per layer)."""
+    return {
+        "kvconvert_version": __version__,
+        "name": Path(ckpt.spec).name or ckpt.spec,
+        "source": ckpt.spec,
+        "base_model": ckpt.base_model,
+        "license": ckpt.raw_config.get("license"),
+        "fingerprint": stats.fingerprint,
+        "calibration": {**stats.source, "tokens": stats.n_tokens},
+        **plan.summary(),
+    }

@@ -1,0 +1,67 @@
+"""Progress reporting for long stages: silent in the library by default, rich bars from the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+Advance = Callable[..., None]
+
+
+class Progress(Protocol):
+    def task(self, description: str, total: int | None) -> Advance:
+        """Start a bar; the returned callable advances it (by 1 unless given a count)."""
+        ...
+
+    def log(self, message: str) -> None: ...
+
+
+class Silent:
+    """No output."""
+
+    def task(self, description: str, total: int | None) -> Advance:
+        return lambda n=1: None
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class RichProgress(AbstractContextManager):
+    """Bars with rate and ETA on stderr."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as _Progress
+
+        self._console = Console(stderr=True)
+        self._bars = _Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=False,
+        )
+
+    def __enter__(self) -> RichProgress:
+        self._bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bars.__exit__(*exc)
+
+    def task(self, description: str, total: int | None) -> Advance:
+        tid = self._bars.add_task(description, total=total)
+        return lambda n=1: self._bars.advance(tid, n)
+
+    def log(self, message: str) -> None:
+        self._bars.console.print(message)

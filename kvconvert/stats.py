@@ -1,0 +1,122 @@
+"""Calibration statistics: per-layer float64 sums of the attention input x and of x xᵀ, plus metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kvconvert import __version__
+from kvconvert.errors import KVConvertError
+
+SCHEMA_VERSION = 1
+
+
+def pack(sym: torch.Tensor) -> torch.Tensor:
+    """Upper triangle (row-major) of a symmetric matrix."""
+    iu = torch.triu_indices(*sym.shape, device=sym.device)
+    return sym[iu[0], iu[1]]
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack`."""
+    iu = torch.triu_indices(n, n, device=packed.device)
+    full = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
+    full[iu[0], iu[1]] = packed
+    return full + full.T - torch.diag(full.diagonal())
+
+
+@dataclass
+class CalibrationStats:
+    """Sufficient statistics of the attention inputs: sum_x (L, h), sum_xx (L, h, h), token count, metadata."""
+
+    sum_x: torch.Tensor
+    sum_xx: torch.Tensor
+    n_tokens: int
+    fingerprint: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.sum_x.shape[0]
+
+    def moments(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x xᵀ], E[x]) of layer `layer` in float64."""
+        return self.sum_xx[layer] / self.n_tokens, self.sum_x[layer] / self.n_tokens
+
+    def __add__(self, other: CalibrationStats) -> CalibrationStats:
+        if self.fingerprint != other.fingerprint:
+            raise KVConvertError("cannot add statistics of different models")
+        return CalibrationStats(
+            self.sum_x + other.sum_x,
+            self.sum_xx + other.sum_xx,
+            self.n_tokens + other.n_tokens,
+            self.fingerprint,
+            self.source,
+        )
+
+    def check_finite(self) -> None:
+        if not (torch.isfinite(self.sum_x).all() and torch.isfinite(self.sum_xx).all()):
+            raise KVConvertError(
+                "calibration statistics contain NaN/Inf (fp16 overflow?); recalibrate with --dtype bfloat16 or float32"
+            )
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file; the symmetric sums are stored as packed upper triangles."""
+        tensors = {"n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64)}
+        for i in range(self.num_layers):
+            tensors[f"layers.{i}.sum_x"] = self.sum_x[i].contiguous()
+            tensors[f"layers.{i}.sum_xx"] = pack(self.sum_xx[i]).contiguous()
+        meta = {
+            "format": "kvconvert-stats",
+            "schema_version": str(SCHEMA_VERSION),
+            "kvconvert_version": __version__,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "source": json.dumps(self.source, sort_keys=True),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationStats:
+        path = Path(path)
+        if not path.is_file():
+            raise KVConvertError(f"statistics file {path} does not exist; create it with `kvconvert calibrate`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "kvconvert-stats":
+                    raise KVConvertError(f"{path} is not a kvconvert statistics file")
+                if int(meta.get("schema_version", -1)) != SCHEMA_VERSION:
+                    raise KVConvertError(
+                        f"{path} has stats schema {meta.get('schema_version')}, this kvconvert reads "
+                        f"{SCHEMA_VERSION}; recalibrate"
+                    )
+                n_layers = sum(1 for k in f.keys() if k.endswith(".sum_x"))  # noqa: SIM118
+                sum_x = torch.stack([f.get_tensor(f"layers.{i}.sum_x") for i in range(n_layers)])
+                hidden = sum_x.shape[1]
+                sum_xx = torch.stack([unpack(f.get_tensor(f"layers.{i}.sum_xx"), hidden) for i in range(n_layers)])
+                n_tokens = int(f.get_tensor("n_tokens")[0])
+        except KVConvertError:
+            raise
+        except Exception as exc:
+            raise KVConvertError(f"cannot read statistics file {path}: {exc}; recalibrate") from exc
+        stats = cls(sum_x, sum_xx, n_tokens, json.loads(meta["fingerprint"]), json.loads(meta["source"]))
+        stats.check_finite()
+        return stats
+
+    def check_model(self, fingerprint: dict, path: str | Path = "statistics") -> None:
+        """Refuse statistics computed on another model."""
+        if self.fingerprint != fingerprint:
+            diff = [k for k in fingerprint if self.fingerprint.get(k) != fingerprint[k]]
+            raise KVConvertError(
+                f"{path} was computed on another model (differs in {', '.join(diff)}); "
+                "recalibrate on this model or drop --stats"
+            )
