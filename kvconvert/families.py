@@ -67,12 +67,9 @@ class Family:
             rotary_dim=rotary_dim(config, head_dim) if self.partial_rotary else head_dim,
         )
 
-    def attention_input_module(self, model, layer: int):
-        """The module whose input is the attention input of `layer` (the normed hidden state)."""
-        obj = model
-        for part in self.layers_path.split("."):
-            obj = getattr(obj, part)
-        attn = obj[layer]
+    def attention_input_module(self, decoder_layer):
+        """The module of a decoder layer whose input is the attention input (the normed hidden state)."""
+        attn = decoder_layer
         for part in self.layer_prefix.split("{layer}.")[1].strip(".").split("."):
             attn = getattr(attn, part)
         return getattr(attn, self.proj_names[0])

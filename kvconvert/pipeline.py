@@ -14,6 +14,7 @@ from kvconvert.calibrate import calibrate
 from kvconvert.card import model_card
 from kvconvert.checkpoint import Checkpoint, resolve
 from kvconvert.decompose import decompose
+from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output, write_checkpoint
 from kvconvert.merge.rope import pair_coherence
@@ -35,6 +36,7 @@ class CalibrationRequest:
     text_field: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    offload_dir: Path | None = None
 
 
 @dataclass
@@ -59,7 +61,9 @@ class CompressResult:
     verify: VerifyResult | None
 
 
-def run_calibration(ckpt: Checkpoint, req: CalibrationRequest, progress: Progress | None = None) -> CalibrationStats:
+def run_calibration(
+    ckpt: Checkpoint, req: CalibrationRequest, progress: Progress | None = None, part: Part | None = None
+) -> CalibrationStats:
     device = resolve_device(req.device)
     return calibrate(
         ckpt,
@@ -71,6 +75,8 @@ def run_calibration(ckpt: Checkpoint, req: CalibrationRequest, progress: Progres
         resolve_dtype(req.dtype, device),
         seed=req.seed,
         text_field=req.text_field,
+        offload_dir=req.offload_dir,
+        part=part,
         progress=progress,
     )
 

@@ -30,7 +30,7 @@ class Silent:
 class RichProgress(AbstractContextManager):
     """Bars with rate and ETA on stderr."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -42,6 +42,7 @@ class RichProgress(AbstractContextManager):
         from rich.progress import Progress as _Progress
 
         self._console = Console(stderr=True)
+        self._enabled = enabled
         self._bars = _Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -50,6 +51,7 @@ class RichProgress(AbstractContextManager):
             TimeRemainingColumn(),
             console=self._console,
             transient=False,
+            disable=not enabled,
         )
 
     def __enter__(self) -> RichProgress:
@@ -64,4 +66,5 @@ class RichProgress(AbstractContextManager):
         return lambda n=1: self._bars.advance(tid, n)
 
     def log(self, message: str) -> None:
-        self._bars.console.print(message)
+        if self._enabled:
+            self._bars.console.print(message)

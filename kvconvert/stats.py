@@ -1,8 +1,13 @@
-"""Calibration statistics: per-layer float64 sums of the attention input x and of x xᵀ, plus metadata."""
+"""Calibration statistics: per-layer float64 sums of the attention input x and of x xᵀ, plus metadata.
+
+The symmetric sums are kept as packed upper triangles, one tensor per layer; a loaded file is read lazily, one
+layer at a time, so decomposition never holds more than one layer's statistics.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +35,26 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return full + full.T - torch.diag(full.diagonal())
 
 
+class _FilePacked(Sequence):
+    """Per-layer packed sums read from a stats file on access."""
+
+    def __init__(self, path: Path, n_layers: int):
+        self._path, self._n = path, n_layers
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        with safe_open(str(self._path), framework="pt") as f:
+            return f.get_tensor(f"layers.{layer}.sum_xx")
+
+
 @dataclass
 class CalibrationStats:
-    """Sufficient statistics of the attention inputs: sum_x (L, h), sum_xx (L, h, h), token count, metadata."""
+    """Sufficient statistics of the attention inputs: sum_x (L, h), packed sum_xx per layer, tokens, metadata."""
 
     sum_x: torch.Tensor
-    sum_xx: torch.Tensor
+    packed_xx: Sequence[torch.Tensor]
     n_tokens: int
     fingerprint: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
@@ -44,33 +63,35 @@ class CalibrationStats:
     def num_layers(self) -> int:
         return self.sum_x.shape[0]
 
+    def sum_xx(self, layer: int) -> torch.Tensor:
+        """Σ x xᵀ of layer `layer` as a full (h, h) float64 matrix."""
+        return unpack(self.packed_xx[layer], self.sum_x.shape[1])
+
     def moments(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(E[x xᵀ], E[x]) of layer `layer` in float64."""
-        return self.sum_xx[layer] / self.n_tokens, self.sum_x[layer] / self.n_tokens
+        return self.sum_xx(layer) / self.n_tokens, self.sum_x[layer] / self.n_tokens
 
     def __add__(self, other: CalibrationStats) -> CalibrationStats:
         if self.fingerprint != other.fingerprint:
             raise KVConvertError("cannot add statistics of different models")
+        packed = [a + b for a, b in zip(self.packed_xx, other.packed_xx, strict=True)]
         return CalibrationStats(
-            self.sum_x + other.sum_x,
-            self.sum_xx + other.sum_xx,
-            self.n_tokens + other.n_tokens,
-            self.fingerprint,
-            self.source,
+            self.sum_x + other.sum_x, packed, self.n_tokens + other.n_tokens, self.fingerprint, self.source
         )
 
     def check_finite(self) -> None:
-        if not (torch.isfinite(self.sum_x).all() and torch.isfinite(self.sum_xx).all()):
+        finite = torch.isfinite(self.sum_x).all() and all(torch.isfinite(p).all() for p in self.packed_xx)
+        if not finite:
             raise KVConvertError(
                 "calibration statistics contain NaN/Inf (fp16 overflow?); recalibrate with --dtype bfloat16 or float32"
             )
 
     def save(self, path: str | Path) -> None:
-        """One safetensors file; the symmetric sums are stored as packed upper triangles."""
+        """One safetensors file, written to a temporary name and renamed into place."""
         tensors = {"n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64)}
         for i in range(self.num_layers):
             tensors[f"layers.{i}.sum_x"] = self.sum_x[i].contiguous()
-            tensors[f"layers.{i}.sum_xx"] = pack(self.sum_xx[i]).contiguous()
+            tensors[f"layers.{i}.sum_xx"] = self.packed_xx[i].contiguous()
         meta = {
             "format": "kvconvert-stats",
             "schema_version": str(SCHEMA_VERSION),
@@ -86,6 +107,7 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:
+        """Metadata and Σx now; each layer's Σxxᵀ when it is asked for."""
         path = Path(path)
         if not path.is_file():
             raise KVConvertError(f"statistics file {path} does not exist; create it with `kvconvert calibrate`")
@@ -101,16 +123,15 @@ class CalibrationStats:
                     )
                 n_layers = sum(1 for k in f.keys() if k.endswith(".sum_x"))  # noqa: SIM118
                 sum_x = torch.stack([f.get_tensor(f"layers.{i}.sum_x") for i in range(n_layers)])
-                hidden = sum_x.shape[1]
-                sum_xx = torch.stack([unpack(f.get_tensor(f"layers.{i}.sum_xx"), hidden) for i in range(n_layers)])
                 n_tokens = int(f.get_tensor("n_tokens")[0])
+                fingerprint, source = json.loads(meta["fingerprint"]), json.loads(meta["source"])
         except KVConvertError:
             raise
         except Exception as exc:
             raise KVConvertError(f"cannot read statistics file {path}: {exc}; recalibrate") from exc
-        stats = cls(sum_x, sum_xx, n_tokens, json.loads(meta["fingerprint"]), json.loads(meta["source"]))
-        stats.check_finite()
-        return stats
+        if not torch.isfinite(sum_x).all():
+            raise KVConvertError(f"{path} contains NaN/Inf; recalibrate with --dtype bfloat16 or float32")
+        return cls(sum_x, _FilePacked(path, n_layers), n_tokens, fingerprint, source)
 
     def check_model(self, fingerprint: dict, path: str | Path = "statistics") -> None:
         """Refuse statistics computed on another model."""

@@ -97,18 +97,31 @@ def token_windows(tokenizer, texts: Iterable[str], n_samples: int, seq_len: int,
 
 
 @torch.no_grad()
-def sample_windows(model, tokenizer, n_samples: int, seq_len: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Windows of text sampled from the model itself (temperature 1, no EOS), starting at BOS."""
+def sample_windows(
+    model,
+    tokenizer,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    spans: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """Windows of text sampled from the model itself (temperature 1, no EOS), starting at BOS.
+
+    Batch b is sampled with its own seed drawn from `seed`, so any subset of batches (`spans`, as dealt to one of
+    several processes) reproduces exactly the rows a single process would sample.
+    """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise KVConvertError("--dataset self needs a tokenizer with a BOS or EOS token; use a text dataset")
     device = next(model.parameters()).device
+    all_spans = [(b, min(b + batch_size, n_samples)) for b in range(0, n_samples, batch_size)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    seeds = {span: int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for span in all_spans}
     out = []
-    for b in range(0, n_samples, batch_size):
-        n = min(batch_size, n_samples - b)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        ids = torch.full((n, 1), start, dtype=torch.long, device=device)
+    for span in all_spans if spans is None else spans:
+        torch.manual_seed(seeds[span])
+        ids = torch.full((span[1] - span[0], 1), start, dtype=torch.long, device=device)
         seqs = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),

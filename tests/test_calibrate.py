@@ -1,5 +1,8 @@
 """Calibration statistics: correct sums, file round trip, fingerprint checks."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,21 +12,42 @@ from kvconvert.errors import KVConvertError
 from kvconvert.modeling import load_model, load_tokenizer
 from kvconvert.pipeline import CalibrationRequest, run_calibration
 from kvconvert.stats import CalibrationStats, pack, unpack
-from kvconvert.textdata import iter_texts, token_windows
+from kvconvert.textdata import iter_texts, sample_windows, token_windows
 from tests.tiny import make_model
 
+CPU = torch.device("cpu")
 
-def test_sums_equal_normed_hidden_states(tiny_llama):
-    ckpt = resolve(str(tiny_llama))
-    model = load_model(ckpt, torch.device("cpu"), torch.float32)
-    windows = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(0))
-    sum_x, sum_xx, n = accumulate(model, ckpt.family, windows, batch_size=2)
-    hidden = model(windows, output_hidden_states=True).hidden_states
-    assert n == 60
-    for layer, block in enumerate(model.model.layers):
-        x = block.input_layernorm(hidden[layer]).reshape(-1, 128).double()
-        torch.testing.assert_close(sum_xx[layer], x.T @ x, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(sum_x[layer], x.sum(0), rtol=1e-5, atol=1e-6)
+
+def whole_model_sums(model, windows, batch_size):
+    """Reference: the stock model's hidden states, normed by each layer's input_layernorm, summed in float64."""
+    n_layers = len(model.model.layers)
+    hidden = model.config.hidden_size
+    sum_x = torch.zeros(n_layers, hidden, dtype=torch.float64)
+    sum_xx = torch.zeros(n_layers, hidden, hidden, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            states = model(windows[start : start + batch_size], output_hidden_states=True).hidden_states
+            for layer, block in enumerate(model.model.layers):
+                x = block.input_layernorm(states[layer]).reshape(-1, hidden).double()
+                sum_xx[layer] += x.T @ x
+                sum_x[layer] += x.sum(0)
+    return sum_x, sum_xx
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_layer_streaming_equals_the_whole_model_path(tmp_path, family):
+    ckpt = resolve(str(make_model(tmp_path / family, family, layers=3)))
+    model = load_model(ckpt, CPU, torch.float32)
+    windows = torch.randint(0, 300, (5, 20), generator=torch.Generator().manual_seed(0))
+    want_x, want_xx = whole_model_sums(model, windows, 2)
+    sum_x, packed = accumulate(ckpt, windows, 2, CPU, torch.float32)
+    sum_xx = torch.stack([unpack(p, 128) for p in packed])
+    torch.testing.assert_close(sum_xx, want_xx, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sum_x, want_x, rtol=1e-9, atol=1e-9)
+    on_disk = accumulate(ckpt, windows, 2, CPU, torch.float32, offload_dir=tmp_path / "spill")
+    assert all(torch.equal(a, b) for a, b in zip(on_disk[1], packed, strict=True)) and not any(
+        (tmp_path / "spill").iterdir()
+    )
 
 
 def test_windows_from_a_local_file(tiny_llama, text_a):
@@ -46,7 +70,7 @@ def test_stats_file_round_trip_and_fingerprint(tmp_path, tiny_llama, text_a):
     path = tmp_path / "s.safetensors"
     stats.save(path)
     loaded = CalibrationStats.load(path)
-    assert torch.equal(loaded.sum_xx, stats.sum_xx) and loaded.n_tokens == 64
+    assert all(torch.equal(loaded.sum_xx(i), stats.sum_xx(i)) for i in range(2)) and loaded.n_tokens == 64
     assert loaded.source["dataset"] == str(text_a) and loaded.fingerprint == ckpt.fingerprint()
     loaded.check_model(ckpt.fingerprint())
     other = resolve(str(make_model(tmp_path / "other", "llama", seed=1)))
@@ -60,10 +84,48 @@ def test_pack_unpack():
     assert torch.equal(unpack(pack(sym), 7), sym)
 
 
-def test_two_calibrations_add_up(tiny_llama, text_a):
+def test_two_calibrations_add_up(tiny_llama):
     ckpt = resolve(str(tiny_llama))
-    model = load_model(ckpt, torch.device("cpu"), torch.float32)
     windows = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
-    whole = accumulate(model, ckpt.family, windows, 4)
-    halves = [accumulate(model, ckpt.family, w, 4) for w in (windows[:2], windows[2:])]
-    torch.testing.assert_close(halves[0][1] + halves[1][1], whole[1])
+    whole = accumulate(ckpt, windows, 2, CPU, torch.float32)
+    halves = [accumulate(ckpt, w, 2, CPU, torch.float32) for w in (windows[:2], windows[2:])]
+    for a, b, w in zip(halves[0][1], halves[1][1], whole[1], strict=True):
+        torch.testing.assert_close(a + b, w, rtol=1e-12, atol=1e-12)
+
+
+def test_two_processes_produce_the_single_process_statistics(tmp_path, tiny_llama, text_a):
+    """torchrun with 2 CPU processes (gloo) splits the batches and all-reduces: same file as one process."""
+    args = [
+        "calibrate",
+        str(tiny_llama),
+        "--dataset",
+        str(text_a),
+        "--samples",
+        "6",
+        "--seq-len",
+        "24",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    run = subprocess.run([sys.executable, "-m", "kvconvert", *args, "-o", str(single)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run([*torchrun, "-m", "kvconvert", *args, "-o", str(double)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+    a, b = CalibrationStats.load(single), CalibrationStats.load(double)
+    assert a.n_tokens == b.n_tokens == 144 and a.source == b.source and a.fingerprint == b.fingerprint
+    for layer in range(2):
+        torch.testing.assert_close(b.sum_xx(layer), a.sum_xx(layer), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.sum_x, a.sum_x, rtol=1e-12, atol=1e-12)
+
+
+def test_self_sampling_by_batches_matches_one_pass(tiny_llama):
+    ckpt = resolve(str(tiny_llama))
+    model, tok = load_model(ckpt, CPU, torch.float32), load_tokenizer(ckpt)
+    whole = sample_windows(model, tok, 5, 12, 2, seed=3)
+    parts = [sample_windows(model, tok, 5, 12, 2, seed=3, spans=[span]) for span in [(0, 2), (2, 4), (4, 5)]]
+    assert torch.equal(torch.cat(parts), whole)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kvconvert.checkpoint import resolve
 from kvconvert.cli import app, options
+from kvconvert.distributed import current_part
 from kvconvert.pipeline import CalibrationRequest, run_calibration
 from kvconvert.progress import RichProgress
 
@@ -22,12 +23,23 @@ def calibrate(
     dtype: str = options.Dtype,
     seed: int = options.Seed,
     text_field: str = options.TextField,
+    offload_dir: str = options.OffloadDir,
     output: Path = options.Output,
 ) -> None:
-    """Run calibration text through MODEL and save the attention-input statistics (one file, every ratio)."""
+    """Run calibration text through MODEL and save the attention-input statistics (one file, every ratio).
+
+    Launch with `torchrun --nproc_per_node N` (or `accelerate launch`) to split the windows across processes.
+    """
     t0 = time.perf_counter()
-    req = CalibrationRequest(dataset, samples, seq_len, batch_size, seed, text_field, device, dtype)
-    with RichProgress() as progress:
-        stats = run_calibration(resolve(model), req, progress)
-    stats.save(output)
-    print(f"wrote {output}: {stats.n_tokens} tokens, {stats.num_layers} layers in {time.perf_counter() - t0:.1f}s")
+    req = CalibrationRequest(
+        dataset, samples, seq_len, batch_size, seed, text_field, device, dtype, options.path_or_none(offload_dir)
+    )
+    part = current_part()
+    with RichProgress(enabled=part.is_main) as progress:
+        stats = run_calibration(resolve(model), req, progress, part)
+    if part.is_main:
+        stats.save(output)
+        secs = time.perf_counter() - t0
+        print(
+            f"wrote {output}: {stats.n_tokens} tokens, {stats.num_layers} layers, {part.world} process(es), {secs:.1f}s"
+        )

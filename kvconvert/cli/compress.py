@@ -30,6 +30,7 @@ def compress(
     dtype: str = options.Dtype,
     seed: int = options.Seed,
     text_field: str = options.TextField,
+    offload_dir: str = options.OffloadDir,
     output: Path = options.Output,
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the output with stock transformers."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
@@ -47,7 +48,9 @@ def compress(
         method=method,
         grouping=grouping,
         stats=options.path_or_none(stats),
-        calibration=CalibrationRequest(dataset, samples, seq_len, batch_size, seed, text_field, device, dtype),
+        calibration=CalibrationRequest(
+            dataset, samples, seq_len, batch_size, seed, text_field, device, dtype, options.path_or_none(offload_dir)
+        ),
         verify=verify,
         overwrite=overwrite,
         max_shard_size=max_shard_size,

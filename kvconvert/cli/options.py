@@ -17,6 +17,9 @@ Device = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 Dtype = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
 Seed = typer.Option(0, "--seed", help="Seed for `--dataset self` sampling.")
 TextField = typer.Option(None, "--text-field", help="Text column of the dataset (default: `text`).")
+OffloadDir = typer.Option(
+    None, "--offload-dir", help="Keep the calibration hidden states in a file here instead of in memory."
+)
 Output = typer.Option(..., "--output", "-o", help="Where to write the result.")
 
 

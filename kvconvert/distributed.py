@@ -1,0 +1,60 @@
+"""Several calibration processes (torchrun / accelerate launch): which batches are whose, and summing across them.
+
+Batches are dealt round-robin, so every batch has the same windows as in a single-process run and the per-batch
+sums are identical; only the order of the float64 additions differs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Part:
+    """This process's share: rank `rank` of `world`, on `device`."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def batches(self, n: int, batch_size: int) -> list[tuple[int, int]]:
+        """(start, stop) of the batches of `n` windows that this process handles."""
+        spans = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+        return spans[self.rank :: self.world]
+
+
+def current_part() -> Part:
+    """The launcher's process layout (one process when not launched by torchrun/accelerate)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Part()
+    from accelerate import PartialState
+
+    cuda = torch.cuda.is_available()
+    state = PartialState(cpu=not cuda)  # on CPU, gloo
+    return Part(state.process_index, state.num_processes, state.device if cuda else torch.device("cpu"))
+
+
+def all_reduce_sum(tensor: torch.Tensor, part: Part) -> torch.Tensor:
+    """Sum of `tensor` over all processes (in place where distributed)."""
+    if part.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_rows(rows: torch.Tensor, spans: list[tuple[int, int]], n: int, part: Part) -> torch.Tensor:
+    """Reassemble the (n, ...) tensor whose rows `spans` this process holds (in span order) on every process."""
+    full = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype)
+    offset = 0
+    for start, stop in spans:
+        full[start:stop] = rows[offset : offset + stop - start].cpu()
+        offset += stop - start
+    return all_reduce_sum(full, part) if part.world > 1 else full

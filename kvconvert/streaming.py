@@ -1,0 +1,106 @@
+"""Run a checkpoint one decoder layer at a time: each layer is loaded from its shards, used, and freed.
+
+The hidden states of all calibration windows stay between layers (on the device, in host memory, or in a
+disk-backed file when they do not fit), so peak memory is about one layer plus those hidden states.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvconvert.checkpoint import Checkpoint
+
+
+class HiddenStore:
+    """Hidden states (n, seq_len, hidden) of every window, in memory or in a disk-backed file."""
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, disk: Path | None):
+        self._tmp = None
+        if disk is None:
+            self.data = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            disk.mkdir(parents=True, exist_ok=True)
+            # Lives as long as the store; deleted on close.
+            self._tmp = tempfile.NamedTemporaryFile(dir=disk, prefix="hidden-", suffix=".bin")  # noqa: SIM115
+            numel = shape[0] * shape[1] * shape[2]
+            self.data = torch.from_file(self._tmp.name, shared=True, size=numel, dtype=dtype).view(shape)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        return self.data[start:stop].to(device)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        self.data[start : start + len(values)] = values.to(self.data.device)
+
+    def close(self) -> None:
+        self.data = None
+        if self._tmp is not None:
+            self._tmp.close()
+
+
+class LayerRunner:
+    """Embeds token windows and applies the checkpoint's decoder layers one at a time, as transformers would."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        self.ckpt, self.device, self.dtype = ckpt, device, dtype
+        config = copy.deepcopy(ckpt.config)
+        config._attn_implementation = "sdpa"
+        self.config = config
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        self.base = skeleton.base_model
+        self.layers = self.base.layers
+        self.rotary = type(self.base.rotary_emb)(config=config).to(device)
+        self._prefix = ckpt.family.layers_path + "."
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of `ids` (batch, seq_len), in the compute dtype."""
+        weight = self.ckpt.tensors.get(self.ckpt.family.embed_name).to(self.device, self.dtype)
+        return nn.functional.embedding(ids.to(self.device), weight)
+
+    def load(self, layer: int) -> nn.Module:
+        """Decoder layer `layer` with its weights, on the device, in the compute dtype."""
+        module = self.layers[layer]
+        prefix = f"{self._prefix}{layer}."
+        names = [n for n in self.ckpt.tensors.names() if n.startswith(prefix)]
+        state = {n[len(prefix) :]: self.ckpt.tensors.get(n).to(self.dtype) for n in names}
+        module.to_empty(device=self.device)
+        module.load_state_dict(state, strict=True, assign=False)
+        return module.to(self.dtype).eval()
+
+    def free(self, layer: int) -> None:
+        self.layers[layer].to_empty(device="meta")
+
+    def context(self, hidden: torch.Tensor, layer: int) -> dict:
+        """Keyword arguments a decoder layer needs for a batch of full windows (no padding)."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        kinds = getattr(self.config, "layer_types", None)
+        sliding = kinds[layer] == "sliding_attention" if kinds else bool(getattr(self.config, "sliding_window", None))
+        make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+        mask = make_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=positions,
+        )
+        return {
+            "attention_mask": mask,
+            "position_ids": positions,
+            "position_embeddings": self.rotary(hidden, positions),
+        }
+
+    @torch.no_grad()
+    def forward(self, module: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return module(hidden, **self.context(hidden, layer))
