@@ -68,9 +68,14 @@ def cache_root() -> Path:
 
 
 class TensorReader:
-    """Lazy access to the tensors of a safetensors checkpoint (single file or sharded with an index)."""
+    """Lazy access to the tensors of a safetensors checkpoint (single file or sharded with an index).
+
+    Files are opened per read: tensors come back backed by the file mapping, and closing the handle lets each
+    mapping go with its tensor, so pages read once do not stay resident for the whole run.
+    """
 
     def __init__(self, directory: Path):
+        self.directory = directory
         index = directory / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -80,15 +85,19 @@ class TensorReader:
             if not files:
                 raise KVConvertError(f"no *.safetensors weights in {directory}; only safetensors checkpoints are read")
             weight_map = {}
-        self._handles = {}
+            for name in files:
+                with self._open(name) as f:
+                    weight_map |= dict.fromkeys(f.keys(), name)
         for name in files:
-            try:
-                self._handles[name] = safe_open(str(directory / name), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types
-                raise KVConvertError(f"cannot read shard {directory / name}: {exc}; re-download it") from exc
-        if not weight_map:
-            weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}  # noqa: SIM118
+            with self._open(name):
+                pass
         self.weight_map: dict[str, str] = weight_map
+
+    def _open(self, filename: str):
+        try:
+            return safe_open(str(self.directory / filename), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise KVConvertError(f"cannot read shard {self.directory / filename}: {exc}; re-download it") from exc
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -96,22 +105,29 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def _slice(self, name: str):
+        if name not in self.weight_map:
+            raise KVConvertError(f"tensor {name} is missing from the checkpoint")
+        return self._open(self.weight_map[name])
+
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._handles[self.weight_map[name]].get_tensor(name)
-        except KeyError:
-            raise KVConvertError(f"tensor {name} is missing from the checkpoint") from None
-        except Exception as exc:
-            raise KVConvertError(f"cannot read tensor {name} from {self.weight_map[name]}: {exc}") from exc
+        with self._slice(name) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as exc:
+                raise KVConvertError(f"cannot read tensor {name} from {self.weight_map[name]}: {exc}") from exc
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handles[self.weight_map[name]].get_slice(name).get_shape())
+        with self._slice(name) as f:
+            return list(f.get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self._handles[self.weight_map[name]].get_slice(name).get_dtype()]
+        with self._slice(name) as f:
+            return SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._handles[self.weight_map[name]].get_slice(name)[start:stop]
+        with self._slice(name) as f:
+            return f.get_slice(name)[start:stop]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterable
 import torch
 
 from kvconvert.families import AttentionGeometry
+from kvconvert.memory import release_memory
 from kvconvert.merge import grouping as grp
+from kvconvert.merge.losses import GroupLosses
 from kvconvert.merge.methods import METHODS, GroupProblem, MergeLoss
 from kvconvert.merge.moments import AttentionWeights, LayerMoments, layer_moments
 from kvconvert.merge.pca import psd_sqrt
@@ -99,22 +101,27 @@ def plan_layer(
         return [qs[j * chunk : (j + 1) * chunk] for j in range(n_new)]
 
     adjacent = chunked(list(range(n_kv)))
-    key_total = sum(loss(q).key_total for q in adjacent) or 1.0
-    value_total = sum(loss(q).value_total for q in adjacent) or 1.0
-
-    def cost_q(queries: tuple[int, ...]) -> float:
-        lq = loss(queries)
-        return lq.key_loss / key_total + lq.value_loss / value_total
-
-    def cost_kv(kv_heads: tuple[int, ...]) -> float:
-        return cost_q(queries_of(kv_heads))
-
     if grouping == "adjacent":
         assignment = adjacent
     elif n_kv % n_new == 0:
-        assignment = [queries_of(g) for g in grp.search_groups(n_kv, n_kv // n_new, cost_kv)]
+        table = GroupLosses(lm, geom, method, coherence)
+        scored = table(grp.adjacent_groups(n_kv, n_kv // n_new))
+        key_total = sum(s[1] for s in scored) or 1.0
+        value_total = sum(s[3] for s in scored) or 1.0
+
+        def costs(groups):
+            return [kl / key_total + vl / value_total for kl, _, vl, _ in table(groups)]
+
+        assignment = [queries_of(g) for g in grp.search_groups(n_kv, n_kv // n_new, costs)]
     else:
-        ordered = chunked(grp.chain_order(n_kv, cost_kv))
+        key_total = sum(loss(q).key_total for q in adjacent) or 1.0
+        value_total = sum(loss(q).value_total for q in adjacent) or 1.0
+
+        def cost_q(queries: tuple[int, ...]) -> float:
+            lq = loss(queries)
+            return lq.key_loss / key_total + lq.value_loss / value_total
+
+        ordered = chunked(grp.chain_order(n_kv, lambda groups: [cost_q(queries_of(g)) for g in groups]))
         assignment = min((ordered, adjacent), key=lambda a: sum(map(cost_q, a)))
     return LayerPlan(tuple(head(q) for q in assignment))
 
@@ -142,6 +149,8 @@ def decompose(
         second, mean = moments_of(layer)
         lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
         layers.append(plan_layer(lm, geom, n_new, method, grouping, coherence))
+        del lm, second, mean
+        release_memory()
         if on_layer:
             on_layer(layer)
     return CompressionPlan(method, grouping, geom.num_kv_heads, n_new, tuple(layers))

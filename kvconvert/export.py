@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.errors import KVConvertError
 from kvconvert.fold import fold_layer
+from kvconvert.memory import release_memory
 from kvconvert.merge.moments import AttentionWeights
 from kvconvert.plan import CompressionPlan
 from kvconvert.progress import Progress, Silent
@@ -114,6 +115,8 @@ def write_checkpoint(
                     shard[name] = reader.get(name)
             save_file(shard, str(tmp / filename), metadata={"format": "pt"})
             written += sum(t.numel() * t.element_size() for t in shard.values())
+            del shard
+            release_memory()
             advance()
         if split.is_sharded:
             index = {"metadata": {"total_size": written}, "weight_map": split.tensor_to_filename}

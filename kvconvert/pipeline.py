@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +63,17 @@ class CompressResult:
 
 
 def run_calibration(
-    ckpt: Checkpoint, req: CalibrationRequest, progress: Progress | None = None, part: Part | None = None
-) -> CalibrationStats:
+    ckpt: Checkpoint,
+    req: CalibrationRequest,
+    output: Path,
+    progress: Progress | None = None,
+    part: Part | None = None,
+) -> CalibrationStats | None:
+    """Calibrate `ckpt` per `req` into the stats file `output` (main process returns the loaded stats)."""
     device = resolve_device(req.device)
     return calibrate(
         ckpt,
+        output,
         req.dataset,
         req.samples,
         req.seq_len,
@@ -126,14 +133,31 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     prepare_output(req.output, ckpt.path, req.overwrite)
     timings["load"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    if req.stats is not None:
-        stats = CalibrationStats.load(req.stats)
-        stats.check_model(ckpt.fingerprint(), req.stats)
-    else:
-        stats = run_calibration(ckpt, req.calibration, progress)
-    timings["calibrate"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix=".kvconvert-stats-", dir=_existing_parent(req.output)) as tmp:
+        t0 = time.perf_counter()
+        if req.stats is not None:
+            stats = CalibrationStats.load(req.stats)
+            stats.check_model(ckpt.fingerprint(), req.stats)
+        else:
+            stats = run_calibration(ckpt, req.calibration, Path(tmp) / "stats.safetensors", progress)
+        timings["calibrate"] = time.perf_counter() - t0
+        return _compress_with_stats(req, ckpt, stats, n_new, timings, progress)
 
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+def _compress_with_stats(
+    req: CompressRequest,
+    ckpt: Checkpoint,
+    stats: CalibrationStats,
+    n_new: int,
+    timings: dict[str, float],
+    progress: Progress,
+) -> CompressResult:
     t0 = time.perf_counter()
     device = resolve_device(req.calibration.device)
     plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from kvconvert import __version__
 from kvconvert.errors import KVConvertError
 
 SCHEMA_VERSION = 1
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.int64: "I64"}
 
 
 def pack(sym: torch.Tensor) -> torch.Tensor:
@@ -33,6 +33,61 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     full = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
     full[iu[0], iu[1]] = packed
     return full + full.T - torch.diag(full.diagonal())
+
+
+class StatsWriter:
+    """Writes a stats file layer by layer, so finished layers never stay in memory.
+
+    The file is a standard safetensors file (8-byte header length, JSON header, tensor bytes in offset order); all
+    shapes are known up front, so the header is written first and each layer's sums are appended when complete.
+    """
+
+    def __init__(self, path: Path, n_layers: int, hidden: int, n_tokens: int, fingerprint: dict, source: dict):
+        self.path, self.n_layers, self.hidden = Path(path), n_layers, hidden
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        packed = hidden * (hidden + 1) // 2
+        specs = [("n_tokens", torch.int64, [1])]
+        for i in range(n_layers):
+            specs += [(f"layers.{i}.sum_x", torch.float64, [hidden]), (f"layers.{i}.sum_xx", torch.float64, [packed])]
+        header, offset = {}, 0
+        for name, dtype, shape in specs:
+            size = shape[0] * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else shape[0] * 8
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {
+            "format": "kvconvert-stats",
+            "schema_version": str(SCHEMA_VERSION),
+            "kvconvert_version": __version__,
+            "fingerprint": json.dumps(fingerprint, sort_keys=True),
+            "source": json.dumps(source, sort_keys=True),
+        }
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.tmp, "wb")  # noqa: SIM115  (closed in close())
+        self._file.write(len(blob).to_bytes(8, "little") + blob)
+        self._file.write(torch.tensor([n_tokens], dtype=torch.int64).numpy().tobytes())
+        self._next = 0
+
+    def add(self, layer: int, sum_x: torch.Tensor, packed_xx: torch.Tensor) -> None:
+        """Append layer `layer` (layers must come in order)."""
+        if layer != self._next:
+            raise ValueError(f"layer {layer} written out of order (expected {self._next})")
+        for t in (sum_x, packed_xx):
+            self._file.write(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file and move it into place (all layers must have been added)."""
+        self._file.close()
+        if self._next != self.n_layers:
+            self.tmp.unlink(missing_ok=True)
+            raise ValueError(f"stats file incomplete: {self._next} of {self.n_layers} layers")
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 class _FilePacked(Sequence):
@@ -88,22 +143,14 @@ class CalibrationStats:
 
     def save(self, path: str | Path) -> None:
         """One safetensors file, written to a temporary name and renamed into place."""
-        tensors = {"n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64)}
-        for i in range(self.num_layers):
-            tensors[f"layers.{i}.sum_x"] = self.sum_x[i].contiguous()
-            tensors[f"layers.{i}.sum_xx"] = self.packed_xx[i].contiguous()
-        meta = {
-            "format": "kvconvert-stats",
-            "schema_version": str(SCHEMA_VERSION),
-            "kvconvert_version": __version__,
-            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-            "source": json.dumps(self.source, sort_keys=True),
-        }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        writer = StatsWriter(path, self.num_layers, self.sum_x.shape[1], self.n_tokens, self.fingerprint, self.source)
+        try:
+            for i in range(self.num_layers):
+                writer.add(i, self.sum_x[i], self.packed_xx[i])
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:

@@ -7,6 +7,7 @@ disk-backed file when they do not fit), so peak memory is about one layer plus t
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from pathlib import Path
 
@@ -17,32 +18,46 @@ from kvconvert.checkpoint import Checkpoint
 
 
 class HiddenStore:
-    """Hidden states (n, seq_len, hidden) of every window, in memory or in a disk-backed file."""
+    """Hidden states (n, seq_len, hidden) of every window: a tensor in memory, or a temporary file on disk.
+
+    The file is read and written with pread/pwrite (not mapped), so spilled states live in the page cache, which
+    the kernel may drop, rather than in the process's resident memory.
+    """
 
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, disk: Path | None):
-        self._tmp = None
+        self.shape, self.dtype = shape, dtype
+        self.data, self._fd = None, None
         if disk is None:
             self.data = torch.empty(shape, dtype=dtype, device=device)
-        else:
-            disk.mkdir(parents=True, exist_ok=True)
-            # Lives as long as the store; deleted on close.
-            self._tmp = tempfile.NamedTemporaryFile(dir=disk, prefix="hidden-", suffix=".bin")  # noqa: SIM115
-            numel = shape[0] * shape[1] * shape[2]
-            self.data = torch.from_file(self._tmp.name, shared=True, size=numel, dtype=dtype).view(shape)
+            return
+        disk.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=disk, prefix="hidden-", suffix=".bin")
+        os.unlink(name)  # anonymous: removed by the OS when closed, even after a crash
+        self._fd = fd
+        self._row = shape[1] * shape[2] * torch.empty((), dtype=dtype).element_size()
 
     def __len__(self) -> int:
-        return self.data.shape[0]
+        return self.shape[0]
 
     def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        return self.data[start:stop].to(device)
+        if self._fd is None:
+            return self.data[start:stop].to(device)
+        buf = bytearray(self._row * (stop - start))
+        os.preadv(self._fd, [buf], self._row * start)
+        return torch.frombuffer(buf, dtype=self.dtype).view(stop - start, *self.shape[1:]).to(device)
 
     def write(self, start: int, values: torch.Tensor) -> None:
-        self.data[start : start + len(values)] = values.to(self.data.device)
+        if self._fd is None:
+            self.data[start : start + len(values)] = values.to(self.data.device)
+            return
+        raw = values.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy()
+        os.pwrite(self._fd, memoryview(raw).cast("B"), self._row * start)
 
     def close(self) -> None:
         self.data = None
-        if self._tmp is not None:
-            self._tmp.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class LayerRunner:
@@ -62,20 +77,20 @@ class LayerRunner:
         self.rotary = type(self.base.rotary_emb)(config=config).to(device)
         self._prefix = ckpt.family.layers_path + "."
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of `ids` (batch, seq_len), in the compute dtype."""
-        weight = self.ckpt.tensors.get(self.ckpt.family.embed_name).to(self.device, self.dtype)
-        return nn.functional.embedding(ids.to(self.device), weight)
+    def embed_into(self, store: HiddenStore, windows: torch.Tensor, batches: list[tuple[int, int]]) -> None:
+        """Input embeddings of every window into `store` (gathered in the stored dtype, kept in the compute dtype)."""
+        weight = self.ckpt.tensors.get(self.ckpt.family.embed_name).to(self.device)
+        for start, stop in batches:
+            store.write(start, nn.functional.embedding(windows[start:stop].to(self.device), weight).to(self.dtype))
 
     def load(self, layer: int) -> nn.Module:
         """Decoder layer `layer` with its weights, on the device, in the compute dtype."""
         module = self.layers[layer]
         prefix = f"{self._prefix}{layer}."
         names = [n for n in self.ckpt.tensors.names() if n.startswith(prefix)]
-        state = {n[len(prefix) :]: self.ckpt.tensors.get(n).to(self.dtype) for n in names}
-        module.to_empty(device=self.device)
-        module.load_state_dict(state, strict=True, assign=False)
-        return module.to(self.dtype).eval()
+        state = {n[len(prefix) :]: self.ckpt.tensors.get(n).to(self.device, self.dtype) for n in names}
+        module.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
+        return module.eval()
 
     def free(self, layer: int) -> None:
         self.layers[layer].to_empty(device="meta")

@@ -18,6 +18,15 @@ from tests.tiny import make_model
 CPU = torch.device("cpu")
 
 
+def sums(ckpt, windows, batch_size, **kwargs):
+    """accumulate() collected in memory: (sum_x (L, h), [packed sum_xx per layer])."""
+    xs, packed = [], []
+    accumulate(
+        ckpt, windows, batch_size, CPU, torch.float32, lambda _, x, p: (xs.append(x), packed.append(p)), **kwargs
+    )
+    return torch.stack(xs), packed
+
+
 def whole_model_sums(model, windows, batch_size):
     """Reference: the stock model's hidden states, normed by each layer's input_layernorm, summed in float64."""
     n_layers = len(model.model.layers)
@@ -40,11 +49,11 @@ def test_layer_streaming_equals_the_whole_model_path(tmp_path, family):
     model = load_model(ckpt, CPU, torch.float32)
     windows = torch.randint(0, 300, (5, 20), generator=torch.Generator().manual_seed(0))
     want_x, want_xx = whole_model_sums(model, windows, 2)
-    sum_x, packed = accumulate(ckpt, windows, 2, CPU, torch.float32)
+    sum_x, packed = sums(ckpt, windows, 2)
     sum_xx = torch.stack([unpack(p, 128) for p in packed])
     torch.testing.assert_close(sum_xx, want_xx, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(sum_x, want_x, rtol=1e-9, atol=1e-9)
-    on_disk = accumulate(ckpt, windows, 2, CPU, torch.float32, offload_dir=tmp_path / "spill")
+    on_disk = sums(ckpt, windows, 2, offload_dir=tmp_path / "spill")
     assert all(torch.equal(a, b) for a, b in zip(on_disk[1], packed, strict=True)) and not any(
         (tmp_path / "spill").iterdir()
     )
@@ -66,9 +75,10 @@ def test_too_short_text_is_a_clear_error(tiny_llama, tmp_path):
 
 def test_stats_file_round_trip_and_fingerprint(tmp_path, tiny_llama, text_a):
     ckpt = resolve(str(tiny_llama))
-    stats = run_calibration(ckpt, CalibrationRequest(str(text_a), 2, 32, device="cpu"))
     path = tmp_path / "s.safetensors"
-    stats.save(path)
+    stats = run_calibration(ckpt, CalibrationRequest(str(text_a), 2, 32, device="cpu"), path)
+    stats.save(tmp_path / "copy.safetensors")
+    assert (tmp_path / "copy.safetensors").read_bytes() == path.read_bytes()
     loaded = CalibrationStats.load(path)
     assert all(torch.equal(loaded.sum_xx(i), stats.sum_xx(i)) for i in range(2)) and loaded.n_tokens == 64
     assert loaded.source["dataset"] == str(text_a) and loaded.fingerprint == ckpt.fingerprint()
@@ -87,8 +97,8 @@ def test_pack_unpack():
 def test_two_calibrations_add_up(tiny_llama):
     ckpt = resolve(str(tiny_llama))
     windows = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
-    whole = accumulate(ckpt, windows, 2, CPU, torch.float32)
-    halves = [accumulate(ckpt, w, 2, CPU, torch.float32) for w in (windows[:2], windows[2:])]
+    whole = sums(ckpt, windows, 2)
+    halves = [sums(ckpt, w, 2) for w in (windows[:2], windows[2:])]
     for a, b, w in zip(halves[0][1], halves[1][1], whole[1], strict=True):
         torch.testing.assert_close(a + b, w, rtol=1e-12, atol=1e-12)
 

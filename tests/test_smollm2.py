@@ -43,8 +43,10 @@ def test_expanded_and_shuffled_model_merges_back_within_half_a_percent(smollm2, 
     assert abs(merged / original - 1) < 0.005, (original, merged)
 
 
-def test_weighted_beats_svd_beats_mean_at_one_kv_head(smollm2, texts, held_out):
-    stats = run_calibration(smollm2, CalibrationRequest(str(texts[0]), 16, 256, 4, device="cpu"))
+def test_weighted_beats_svd_beats_mean_at_one_kv_head(smollm2, texts, held_out, tmp_path):
+    stats = run_calibration(
+        smollm2, CalibrationRequest(str(texts[0]), 16, 256, 4, device="cpu"), tmp_path / "stats.safetensors"
+    )
     ppl = {}
     for method in ("mean", "svd", "weighted"):
         plan = plan_compression(smollm2, stats, 1, method, "search", CPU)

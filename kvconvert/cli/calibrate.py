@@ -36,9 +36,8 @@ def calibrate(
     )
     part = current_part()
     with RichProgress(enabled=part.is_main) as progress:
-        stats = run_calibration(resolve(model), req, progress, part)
+        stats = run_calibration(resolve(model), req, output, progress, part)
     if part.is_main:
-        stats.save(output)
         secs = time.perf_counter() - t0
         print(
             f"wrote {output}: {stats.n_tokens} tokens, {stats.num_layers} layers, {part.world} process(es), {secs:.1f}s"

@@ -32,19 +32,22 @@ def adjacent_groups(n: int, g: int) -> list[Group]:
     return [tuple(range(j * g, (j + 1) * g)) for j in range(n // g)]
 
 
-def search_groups(n: int, g: int, cost: Callable[[Group], float]) -> list[Group]:
+def search_groups(n: int, g: int, costs: Callable[[Sequence[Group]], Sequence[float]]) -> list[Group]:
     """Groups of g out of n heads with the lowest summed cost: exhaustive when small, else greedy + swaps.
 
-    Never returns a partition costlier than the adjacent one.
+    `costs` scores a batch of groups at once. Never returns a partition costlier than the adjacent one.
     """
     if g == 1 or g == n:
         return adjacent_groups(n, g)
     if partition_count(n, g) <= EXHAUSTIVE_LIMIT:
-        return min(partitions(list(range(n)), g), key=lambda p: sum(cost(grp) for grp in p))
-    pair = {(a, b): cost((a, b)) for a, b in itertools.combinations(range(n), 2)}
+        candidates = list(itertools.combinations(range(n), g))
+        table = dict(zip(candidates, costs(candidates), strict=True))
+        return min(partitions(list(range(n)), g), key=lambda p: sum(table[grp] for grp in p))
+    pairs = list(itertools.combinations(range(n), 2))
+    pair = dict(zip(pairs, costs(pairs), strict=True))
     best = _swap_refine(_greedy_groups(n, g, pair), pair)
     adjacent = adjacent_groups(n, g)
-    return best if sum(map(cost, best)) < sum(map(cost, adjacent)) else adjacent
+    return best if sum(costs(best)) < sum(costs(adjacent)) else adjacent
 
 
 def _proxy(group: Group, pair: dict[tuple[int, int], float]) -> float:
@@ -86,9 +89,10 @@ def _swap_refine(groups: list[Group], pair: dict[tuple[int, int], float], max_pa
     return sorted(groups)
 
 
-def chain_order(n: int, cost: Callable[[Group], float]) -> list[int]:
+def chain_order(n: int, costs: Callable[[Sequence[Group]], Sequence[float]]) -> list[int]:
     """An order of n heads in which neighbours merge cheaply (greedy nearest-neighbour path, best start)."""
-    pair = {(a, b): cost((a, b)) for a, b in itertools.combinations(range(n), 2)}
+    pairs = list(itertools.combinations(range(n), 2))
+    pair = dict(zip(pairs, costs(pairs), strict=True))
 
     def dist(a: int, b: int) -> float:
         return pair[(min(a, b), max(a, b))]
