@@ -27,6 +27,15 @@ def pydoc_split(directory: Path = DEFAULT_DIR) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def pydoc_all(directory: Path = DEFAULT_DIR) -> Path:
+    """Both halves in one file (for benchmarks that need more text and no held-out part)."""
+    a, b = pydoc_split(directory)
+    path = directory / "pydoc-all.txt"
+    if not path.exists():
+        path.write_text(a.read_text() + "\n\n" + b.read_text())
+    return path
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)

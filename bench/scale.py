@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.corpora import pydoc_split
+from bench.corpora import pydoc_all
 
 KVCONVERT = [sys.executable, "-m", "kvconvert"]
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -182,7 +182,7 @@ def main() -> None:
             ckpt, args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, dtype, args.shard_size
         )
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    text_a, _ = pydoc_split()
+    text_a = pydoc_all()
     limit = _parse_bytes(args.memory_limit) if args.memory_limit else None
 
     rate = matmul_rate(args.hidden, args.intermediate)
@@ -242,7 +242,7 @@ def main() -> None:
     lines = [
         f"checkpoint: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads, "
         f"MLP {args.intermediate}, {args.dtype}; {gib(size)} of weights; target {args.target_heads} KV heads",
-        f"calibration: {args.samples} x {args.seq_len} tokens of pydoc-a, batch {args.batch_size}, hidden states "
+        f"calibration: {args.samples} x {args.seq_len} tokens of pydoc-all, batch {args.batch_size}, hidden states "
         "spilled to disk (--offload-dir)",
         f"machine: {os.cpu_count()} CPU cores, fp32 matmul {rate:.0f} GFLOP/s (measured), one checkpoint copy "
         f"{copy:.1f} s ({size / copy / 2**20:.0f} MiB/s)",
@@ -269,6 +269,7 @@ def main() -> None:
 def verify_output(ckpt: Path, stats: Path, out: Path) -> str:
     """Reload the output with stock transformers and compare with the in-memory conversion (no memory limit)."""
     from kvconvert.checkpoint import resolve
+    from kvconvert.converted import Converted
     from kvconvert.pipeline import plan_compression
     from kvconvert.stats import CalibrationStats
     from kvconvert.verify import converted_in_memory, verify
@@ -283,7 +284,7 @@ def verify_output(ckpt: Path, stats: Path, out: Path) -> str:
         record["grouping"],
         torch.device("cpu"),
     )
-    result = verify(out, converted_in_memory(src, plan))
+    result = verify(out, converted_in_memory(Converted(src, plan)))
     status = "ok" if result.ok else "MISMATCH"
     return f"stock reload vs in-memory conversion: max |Δlogit| {result.max_abs_diff:.2e} ({status})"
 

@@ -145,23 +145,27 @@ def calibrate(
     offload_dir: Path | None = None,
     part: Part | None = None,
     progress: Progress | None = None,
+    windows: torch.Tensor | None = None,
 ) -> CalibrationStats | None:
     """Write the statistics of `samples` windows of `seq_len` tokens from `dataset` to `output`, layer by layer.
 
     Under several processes (`part`), each handles its dealt batches, the sums are all-reduced per layer and the
     main process writes the file. Returns the (lazily read) statistics on the main process, None elsewhere.
+    `windows`, when given, are the token windows already built from `dataset` (so callers can reuse them).
     """
     part = part or Part()
     device = part.device or device
-    windows = calibration_windows(
-        ckpt, dataset, samples, seq_len, batch_size, device, dtype, seed, text_field, part, progress
-    )
+    if windows is None:
+        windows = calibration_windows(
+            ckpt, dataset, samples, seq_len, batch_size, device, dtype, seed, text_field, part, progress
+        )
     local = torch.cat([windows[s:e] for s, e in part.batches(samples, batch_size)])
     source = {
         "dataset": dataset,
         "samples": samples,
         "seq_len": seq_len,
         "seed": seed,
+        "text_field": text_field,
         "dtype": str(dtype).removeprefix("torch."),
         "tokens_sha256": windows_digest(windows),
     }

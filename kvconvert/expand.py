@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from kvconvert.checkpoint import Checkpoint
+from kvconvert.converted import Converted
 from kvconvert.export import write_checkpoint
 from kvconvert.merge.methods import HeadMerge
 from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
@@ -34,5 +35,5 @@ def expand_to_mha(ckpt: Checkpoint, output: Path, seed: int | None = None, overw
     """Write the MHA-expanded (and, with `seed`, head-shuffled) copy of `ckpt` to `output`."""
     geom = ckpt.family.geometry(ckpt.config)
     plan = expansion_plan(geom.num_layers, geom.num_heads, geom.n_rep, geom.head_dim, seed)
-    write_checkpoint(ckpt, plan, output, extra_files={}, overwrite=overwrite)
+    write_checkpoint(Converted(ckpt, plan), output, extra_files={}, overwrite=overwrite)
     return output

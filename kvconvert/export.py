@@ -18,11 +18,10 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from kvconvert.checkpoint import Checkpoint
+from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
-from kvconvert.fold import fold_layer
 from kvconvert.memory import release_memory
 from kvconvert.merge.moments import AttentionWeights
-from kvconvert.plan import CompressionPlan
 from kvconvert.progress import Progress, Silent
 
 FIELDS = {("q", "weight"): "q_weight", ("k", "weight"): "k_weight", ("v", "weight"): "v_weight"}
@@ -66,8 +65,7 @@ def _new_shape(ckpt: Checkpoint, name: str, field: str | None, n_new: int) -> li
 
 
 def write_checkpoint(
-    ckpt: Checkpoint,
-    plan: CompressionPlan,
+    conv: Converted,
     output: Path,
     *,
     extra_files: dict[str, str],
@@ -76,10 +74,10 @@ def write_checkpoint(
     progress: Progress | None = None,
 ) -> ExportResult:
     """Write weights, patched config, tokenizer/generation files and `extra_files` (name -> text) to `output`."""
+    ckpt = conv.ckpt
     prepare_output(output, ckpt.path, overwrite)
-    geom = ckpt.family.geometry(ckpt.config)
     reader, attn = ckpt.tensors, _attention_index(ckpt)
-    n_new = plan.num_kv_heads_after
+    n_new = conv.plan.num_kv_heads_after
     metas = {
         name: torch.empty(
             _new_shape(ckpt, name, attn.get(name, (0, None))[1], n_new), dtype=reader.dtype(name), device="meta"
@@ -105,7 +103,7 @@ def write_checkpoint(
                 if name in attn:
                     layer, field = attn[name]
                     if layer not in folded:
-                        folded[layer] = fold_layer(ckpt.attention(layer), plan.layers[layer], geom)
+                        folded[layer] = conv.attention(layer)
                     shard[name] = getattr(folded[layer], field).contiguous()
                     _check_finite(shard[name], name)
                     remaining[layer] -= 1

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from kvconvert import __version__
-from kvconvert.calibrate import calibrate
+from kvconvert.calibrate import calibrate, calibration_windows
 from kvconvert.card import model_card
 from kvconvert.checkpoint import Checkpoint, resolve
+from kvconvert.converted import Converted
 from kvconvert.decompose import decompose
 from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
@@ -22,8 +23,10 @@ from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.plan import CompressionPlan
 from kvconvert.progress import Progress, Silent
+from kvconvert.refine import RefineOptions, refine
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
+from kvconvert.textdata import windows_digest
 from kvconvert.verify import VerifyResult, converted_in_memory, verify
 
 
@@ -41,6 +44,17 @@ class CalibrationRequest:
 
 
 @dataclass
+class RefineRequest:
+    """Layer-local refinement after the merge (kvconvert.refine); off when steps == 0."""
+
+    steps: int = 0
+    lr: float = 0.02
+    samples: int = 16
+    inputs: str = "sequential"
+    batch_size: int = 4
+
+
+@dataclass
 class CompressRequest:
     model: str
     heads: str
@@ -49,6 +63,7 @@ class CompressRequest:
     grouping: str = "search"
     stats: Path | None = None
     calibration: CalibrationRequest = field(default_factory=CalibrationRequest)
+    refine: RefineRequest = field(default_factory=RefineRequest)
     verify: bool = True
     overwrite: bool = False
     max_shard_size: str = "5GB"
@@ -68,6 +83,7 @@ def run_calibration(
     output: Path,
     progress: Progress | None = None,
     part: Part | None = None,
+    windows: torch.Tensor | None = None,
 ) -> CalibrationStats | None:
     """Calibrate `ckpt` per `req` into the stats file `output` (main process returns the loaded stats)."""
     device = resolve_device(req.device)
@@ -85,7 +101,47 @@ def run_calibration(
         offload_dir=req.offload_dir,
         part=part,
         progress=progress,
+        windows=windows,
     )
+
+
+def request_windows(ckpt: Checkpoint, req: CalibrationRequest, progress: Progress | None = None) -> torch.Tensor:
+    """The token windows `req` describes (text or samples from the model)."""
+    device = resolve_device(req.device)
+    return calibration_windows(
+        ckpt,
+        req.dataset,
+        req.samples,
+        req.seq_len,
+        req.batch_size,
+        device,
+        resolve_dtype(req.dtype, device),
+        req.seed,
+        req.text_field,
+        progress=progress,
+    )
+
+
+def stats_windows(ckpt: Checkpoint, stats: CalibrationStats, device: str, progress: Progress | None = None):
+    """Rebuild the exact windows a stats file was calibrated on (from its recorded source), checked by hash."""
+    src = stats.source
+    req = CalibrationRequest(
+        src["dataset"],
+        src["samples"],
+        src["seq_len"],
+        8,
+        src.get("seed", 0),
+        src.get("text_field"),
+        device,
+        src.get("dtype", "float32"),
+    )
+    windows = request_windows(ckpt, req, progress)
+    if windows_digest(windows) != src.get("tokens_sha256"):
+        raise KVConvertError(
+            f"the calibration text {src['dataset']} no longer gives the windows the stats were computed on; "
+            "recalibrate or drop --stats"
+        )
+    return windows
 
 
 ROPE_HORIZON = 4096
@@ -135,13 +191,17 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
 
     with tempfile.TemporaryDirectory(prefix=".kvconvert-stats-", dir=_existing_parent(req.output)) as tmp:
         t0 = time.perf_counter()
+        windows = None
         if req.stats is not None:
             stats = CalibrationStats.load(req.stats)
             stats.check_model(ckpt.fingerprint(), req.stats)
+            if req.refine.steps:
+                windows = stats_windows(ckpt, stats, req.calibration.device, progress)
         else:
-            stats = run_calibration(ckpt, req.calibration, Path(tmp) / "stats.safetensors", progress)
+            windows = request_windows(ckpt, req.calibration, progress)
+            stats = run_calibration(ckpt, req.calibration, Path(tmp) / "stats.safetensors", progress, windows=windows)
         timings["calibrate"] = time.perf_counter() - t0
-        return _compress_with_stats(req, ckpt, stats, n_new, timings, progress)
+        return _compress_with_stats(req, ckpt, stats, windows, n_new, timings, progress, Path(tmp))
 
 
 def _existing_parent(path: Path) -> Path:
@@ -154,21 +214,35 @@ def _compress_with_stats(
     req: CompressRequest,
     ckpt: Checkpoint,
     stats: CalibrationStats,
+    windows: torch.Tensor | None,
     n_new: int,
     timings: dict[str, float],
     progress: Progress,
+    scratch: Path,
 ) -> CompressResult:
     t0 = time.perf_counter()
     device = resolve_device(req.calibration.device)
     plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress)
     timings["decompose"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+    conv = Converted(ckpt, plan)
     record = conversion_record(ckpt, plan, stats)
+    if req.refine.steps:
+        t0 = time.perf_counter()
+        r = req.refine
+        opts = RefineOptions(steps=r.steps, lr=r.lr, batch_size=r.batch_size, inputs=r.inputs)
+        dtype = resolve_dtype(req.calibration.dtype, device)
+        store = scratch / "refined"
+        conv, layers = refine(
+            conv, windows[: r.samples], opts, store, device, dtype, req.calibration.offload_dir, progress
+        )
+        record["refine"] = {**asdict(opts), "samples": min(r.samples, len(windows)), "layers": layers}
+        timings["refine"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     extra = {"kvconvert.json": json.dumps(record, indent=2) + "\n", "README.md": model_card(record)}
     write_checkpoint(
-        ckpt,
-        plan,
+        conv,
         req.output,
         extra_files=extra,
         max_shard_size=req.max_shard_size,
@@ -180,7 +254,7 @@ def _compress_with_stats(
     result = None
     if req.verify:
         t0 = time.perf_counter()
-        result = verify(req.output, converted_in_memory(ckpt, plan))
+        result = verify(req.output, converted_in_memory(conv))
         timings["verify"] = time.perf_counter() - t0
         if not result.ok:
             raise KVConvertError(

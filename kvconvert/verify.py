@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kvconvert.checkpoint import Checkpoint
+from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
 from kvconvert.export import FIELDS
-from kvconvert.fold import fold_layer
-from kvconvert.plan import CompressionPlan
 
 
 @dataclass(frozen=True)
@@ -26,24 +23,21 @@ class VerifyResult:
         return self.max_abs_diff <= 1e-4 * max(self.logits_scale, 1.0)
 
 
-def converted_in_memory(ckpt: Checkpoint, plan: CompressionPlan, dtype: torch.dtype = torch.float32):
-    """The converted model built in memory (new config + folded tensors), without touching the output files."""
+def converted_in_memory(conv: Converted, dtype: torch.dtype = torch.float32):
+    """The converted model built in memory (new config + final tensors), without touching the output files."""
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(ckpt.config)
-    setattr(config, ckpt.family.kv_heads_key, plan.num_kv_heads_after)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    geom = ckpt.family.geometry(ckpt.config)
+    ckpt = conv.ckpt
+    model = AutoModelForCausalLM.from_config(conv.config, dtype=dtype)
     state = {name: ckpt.tensors.get(name) for name in ckpt.tensors.names()}
-    for layer, lp in enumerate(plan.layers):
-        new = fold_layer(ckpt.attention(layer), lp, geom)
+    for layer in range(len(conv.plan.layers)):
+        new = conv.attention(layer)
         for (proj, kind), field in FIELDS.items():
             name = ckpt.family.tensor_name(layer, proj, kind)
             if name in state:
                 state[name] = getattr(new, field)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    if unexpected or [m for m in missing if m not in tied and "lm_head" not in m]:
+    if unexpected or [m for m in missing if "lm_head" not in m]:
         raise KVConvertError(f"converted tensors do not match the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval()

@@ -7,8 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvconvert.checkpoint import resolve
+from kvconvert.errors import KVConvertError
 from kvconvert.expand import expand_to_mha
-from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
+from kvconvert.pipeline import CalibrationRequest, CompressRequest, RefineRequest, run_calibration, run_compress
 from tests.tiny import make_model
 
 CAL = CalibrationRequest(dataset="self", samples=4, seq_len=32, batch_size=4, device="cpu")
@@ -69,3 +70,35 @@ def test_sharded_output_has_an_index_and_reloads(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert AutoModelForCausalLM.from_pretrained(out).config.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize("inputs", ["sequential", "original"])
+def test_refined_output_reloads_and_each_layer_error_drops(tmp_path, text_a, inputs):
+    """8 distinct KV heads merged into 1 is lossy in every layer; fitting each layer lowers its error."""
+    src = make_model(tmp_path / "src", "llama", kv_heads=8, layers=3, tied=True)
+    out = tmp_path / "out"
+    cal = CalibrationRequest(dataset=str(text_a), samples=8, seq_len=32, batch_size=4, device="cpu")
+    refine = RefineRequest(steps=25, samples=8, inputs=inputs)
+    result = run_compress(CompressRequest(str(src), "1", out, calibration=cal, refine=refine))
+    assert result.verify.ok and "refine" in result.timings
+    layers = json.loads((out / "kvconvert.json").read_text())["refine"]["layers"]
+    assert len(layers) == 3
+    assert all(r["kept"] and r["error_after"] < 0.9 * r["error_before"] for r in layers), layers
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert plain.model.layers[0].self_attn.k_proj.weight.shape == (16, 128)
+
+
+def test_refine_with_a_stats_file_rebuilds_its_windows(tmp_path, text_a):
+    src = make_model(tmp_path / "src", "llama", layers=2)
+    stats = tmp_path / "stats.safetensors"
+    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=2, device="cpu")
+    run_calibration(resolve(str(src)), cal, stats)
+    req = CompressRequest(str(src), "2", tmp_path / "out", stats=stats, refine=RefineRequest(steps=5, samples=4))
+    assert run_compress(req).verify.ok
+    text_a_copy = tmp_path / "a.txt"
+    text_a_copy.write_text(text_a.read_text())
+    other = CalibrationRequest(dataset=str(text_a_copy), samples=4, seq_len=32, batch_size=2, device="cpu")
+    run_calibration(resolve(str(src)), other, stats)
+    text_a_copy.write_text("Short and changed. " * 400)
+    with pytest.raises(KVConvertError, match="no longer gives the windows"):
+        run_compress(CompressRequest(str(src), "2", tmp_path / "out2", stats=stats, refine=RefineRequest(steps=5)))

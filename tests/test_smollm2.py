@@ -5,6 +5,7 @@ import torch
 
 from bench.corpora import pydoc_split
 from kvconvert.checkpoint import resolve
+from kvconvert.converted import Converted
 from kvconvert.evaluate import perplexity
 from kvconvert.expand import expand_to_mha
 from kvconvert.modeling import load_model, load_tokenizer
@@ -50,5 +51,5 @@ def test_weighted_beats_svd_beats_mean_at_one_kv_head(smollm2, texts, held_out, 
     ppl = {}
     for method in ("mean", "svd", "weighted"):
         plan = plan_compression(smollm2, stats, 1, method, "search", CPU)
-        ppl[method] = perplexity(converted_in_memory(smollm2, plan), held_out, 4)
+        ppl[method] = perplexity(converted_in_memory(Converted(smollm2, plan)), held_out, 4)
     assert ppl["weighted"] < 0.85 * ppl["svd"] and ppl["svd"] < 0.1 * ppl["mean"], ppl

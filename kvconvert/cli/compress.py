@@ -11,8 +11,9 @@ from rich.table import Table
 from kvconvert.cli import app, options
 from kvconvert.decompose import GROUPINGS
 from kvconvert.merge.methods import METHODS
-from kvconvert.pipeline import CalibrationRequest, CompressRequest, CompressResult, run_compress
+from kvconvert.pipeline import CalibrationRequest, CompressRequest, CompressResult, RefineRequest, run_compress
 from kvconvert.progress import RichProgress
+from kvconvert.refine import INPUTS
 
 
 @app.command()
@@ -32,6 +33,14 @@ def compress(
     text_field: str = options.TextField,
     offload_dir: str = options.OffloadDir,
     output: Path = options.Output,
+    refine_steps: int = typer.Option(
+        0, "--refine-steps", min=0, help="Adam steps per layer fitting each merged attention block (0: off)."
+    ),
+    refine_lr: float = typer.Option(0.02, "--refine-lr", help="Refinement step size, relative to each weight's RMS."),
+    refine_samples: int = typer.Option(16, "--refine-samples", min=1, help="Calibration windows used to refine."),
+    refine_inputs: str = typer.Option(
+        "sequential", "--refine-inputs", help="sequential (refined earlier layers) or original (original inputs)."
+    ),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the output with stock transformers."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
@@ -41,6 +50,8 @@ def compress(
         raise typer.BadParameter(f"choose from {', '.join(METHODS)}", param_hint="--method")
     if grouping not in GROUPINGS:
         raise typer.BadParameter(f"choose from {', '.join(GROUPINGS)}", param_hint="--grouping")
+    if refine_inputs not in INPUTS:
+        raise typer.BadParameter(f"choose from {', '.join(INPUTS)}", param_hint="--refine-inputs")
     req = CompressRequest(
         model=model,
         heads=heads,
@@ -51,6 +62,7 @@ def compress(
         calibration=CalibrationRequest(
             dataset, samples, seq_len, batch_size, seed, text_field, device, dtype, options.path_or_none(offload_dir)
         ),
+        refine=RefineRequest(refine_steps, refine_lr, refine_samples, refine_inputs),
         verify=verify,
         overwrite=overwrite,
         max_shard_size=max_shard_size,

@@ -1,0 +1,189 @@
+"""Refine stage: fit each converted attention block to the original block's output, one layer at a time.
+
+After the closed-form merge, layer by layer: cache the original attention block's inputs X and outputs Y on the
+calibration windows, then optimise the converted q/k/v/o (shapes unchanged, so the checkpoint stays stock) with
+Adam to minimise ||attn'(X') - Y||² / ||Y||². X' is X itself (`inputs="original"`) or the input the converted
+model, with the layers before already refined, really sees (`inputs="sequential"`, as GPTQ does). No gradient
+crosses layers; only one layer is in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kvconvert.converted import Converted
+from kvconvert.export import FIELDS
+from kvconvert.memory import release_memory
+from kvconvert.merge.moments import AttentionWeights
+from kvconvert.progress import Progress, Silent
+from kvconvert.streaming import HiddenStore, LayerRunner
+
+INPUTS = ("sequential", "original")
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    steps: int = 30
+    lr: float = 0.02  # relative: each tensor's Adam step size is lr x RMS of its initial value
+    batch_size: int = 4
+    inputs: str = "sequential"
+
+
+def _attention_state(w: AttentionWeights, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    return {names[f]: getattr(w, f) for f in names if getattr(w, f) is not None}
+
+
+def _module_names(ckpt) -> dict[str, str]:
+    """AttentionWeights field -> parameter name inside the attention module (e.g. q_weight -> q_proj.weight)."""
+    fam = ckpt.family
+    return {field: f"{fam.proj_names['qkvo'.index(proj)]}.{kind}" for (proj, kind), field in FIELDS.items()}
+
+
+class _Capture:
+    """Forward hook that records an attention block's input hidden states and output."""
+
+    def __init__(self, attn: nn.Module):
+        self.x = self.y = None
+        self._h = attn.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        self.x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.y = output[0]
+
+    def remove(self) -> None:
+        self._h.remove()
+
+
+def _call(attn: nn.Module, runner: LayerRunner, layer: int, x: torch.Tensor) -> torch.Tensor:
+    ctx = runner.context(x, layer)
+    return attn(hidden_states=x, position_embeddings=ctx["position_embeddings"], attention_mask=ctx["attention_mask"])[
+        0
+    ]
+
+
+@torch.no_grad()
+def _error(attn: nn.Module, runner: LayerRunner, layer: int, xs: HiddenStore, ys: HiddenStore, spans) -> float:
+    """||attn(X) - Y||² / ||Y||² over all windows."""
+    num = den = 0.0
+    for start, stop in spans:
+        y = ys.read(start, stop, runner.device)
+        num += float((_call(attn, runner, layer, xs.read(start, stop, runner.device)) - y).double().pow(2).sum())
+        den += float(y.double().pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def _fit(attn: nn.Module, runner: LayerRunner, layer: int, xs: HiddenStore, ys: HiddenStore, opts: RefineOptions):
+    """Adam on the normalised output error, cycling over the cached windows; each tensor's step size is
+    opts.lr x its RMS, so one setting suits models whose weights differ in scale."""
+    params = list(attn.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    groups = [{"params": [p], "lr": opts.lr * float(p.detach().pow(2).mean().sqrt().clamp(min=1e-3))} for p in params]
+    opt = torch.optim.Adam(groups)
+    n = len(xs)
+    spans = [(s, min(s + opts.batch_size, n)) for s in range(0, n, opts.batch_size)]
+    for step in range(opts.steps):
+        start, stop = spans[step % len(spans)]
+        x, y = xs.read(start, stop, runner.device), ys.read(start, stop, runner.device)
+        loss = (_call(attn, runner, layer, x) - y).pow(2).mean() / y.pow(2).mean().clamp(min=1e-12)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+
+
+def refine(
+    conv: Converted,
+    windows: torch.Tensor,
+    opts: RefineOptions,
+    store: Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    offload_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> tuple[Converted, list[dict]]:
+    """Refined conversion (its attention weights saved per layer under `store`) and per-layer fit records."""
+    from transformers import AutoModelForCausalLM
+
+    if opts.inputs not in INPUTS:
+        raise ValueError(f"refine inputs must be one of {INPUTS}")
+    ckpt = conv.ckpt
+    runner = LayerRunner(ckpt, device, dtype)
+    with torch.device("meta"):
+        new_layers = AutoModelForCausalLM.from_config(conv.config).base_model.layers
+    names = _module_names(ckpt)
+    attn_path = ckpt.family.layer_prefix.split("{layer}.")[1].strip(".")
+    store.mkdir(parents=True, exist_ok=True)
+    shape = (len(windows), windows.shape[1], ckpt.config.hidden_size)
+    sequential = opts.inputs == "sequential"
+    hidden, x_orig, y_orig = (HiddenStore(shape, dtype, device, offload_dir) for _ in range(3))
+    hidden_conv = HiddenStore(shape, dtype, device, offload_dir) if sequential else None
+    x_conv = HiddenStore(shape, dtype, device, offload_dir) if sequential else None
+    spans = [(s, min(s + opts.batch_size, len(windows))) for s in range(0, len(windows), opts.batch_size)]
+    records = []
+    advance = (progress or Silent()).task("refining (layers)", len(conv.plan.layers))
+    try:
+        runner.embed_into(hidden, windows, spans)
+        if sequential:
+            runner.embed_into(hidden_conv, windows, spans)
+        for layer in range(len(conv.plan.layers)):
+            module = runner.load(layer)
+            original_attn = getattr(module, attn_path)
+            with torch.no_grad():
+                cap = _Capture(original_attn)
+                for start, stop in spans:
+                    out = runner.forward(module, layer, hidden.read(start, stop, device))
+                    x_orig.write(start, cap.x)
+                    y_orig.write(start, cap.y)
+                    hidden.write(start, out)
+                cap.remove()
+                if sequential:
+                    for start, stop in spans:
+                        x_conv.write(start, module.input_layernorm(hidden_conv.read(start, stop, device)))
+            attn = getattr(new_layers[layer], attn_path)
+            init = conv.attention(layer)
+            state = {k: v.to(device, dtype) for k, v in _attention_state(init, names).items()}
+            attn.load_state_dict(state, strict=True, assign=True)
+            x_fit = x_conv if sequential else x_orig
+            before = _error(attn, runner, layer, x_fit, y_orig, spans)
+            _fit(attn, runner, layer, x_fit, y_orig, opts)
+            after = _error(attn, runner, layer, x_fit, y_orig, spans)
+            kept = after < before
+            if not kept:  # never leave a layer worse than the closed-form merge
+                attn.load_state_dict(state, strict=True, assign=True)
+                after = before
+            if sequential:
+                with torch.no_grad():
+                    setattr(module, attn_path, attn)
+                    for start, stop in spans:
+                        hidden_conv.write(start, runner.forward(module, layer, hidden_conv.read(start, stop, device)))
+                    setattr(module, attn_path, original_attn)
+            tensors = {
+                k: v.detach().to("cpu", getattr(init, f).dtype).contiguous()
+                for f, k in names.items()
+                if (v := attn.state_dict().get(k)) is not None
+            }
+            save_file(tensors, str(store / f"layer-{layer}.safetensors"))
+            records.append(
+                {"layer": layer, "error_before": round(before, 6), "error_after": round(after, 6), "kept": kept}
+            )
+            attn.to_empty(device="meta")
+            runner.free(layer)
+            release_memory()
+            advance()
+    finally:
+        for s in (hidden, x_orig, y_orig, hidden_conv, x_conv):
+            if s is not None:
+                s.close()
+
+    def overrides(layer: int) -> AttentionWeights:
+        tensors = load_file(str(store / f"layer-{layer}.safetensors"))
+        return AttentionWeights(**{f: tensors.get(k) for f, k in names.items()})
+
+    return Converted(ckpt, conv.plan, overrides), records
