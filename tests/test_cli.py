@@ -65,7 +65,7 @@ def test_calibrate_then_compress_then_eval(tmp_path, tiny_llama, text_a, text_b)
     )
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    assert report["model"]["kv_bytes_per_token"] * 4 == report["baseline"]["kv_bytes_per_token"]
+    assert report["model"]["kv_cache"]["bytes_per_token"] * 4 == report["baseline"]["kv_cache"]["bytes_per_token"]
     assert report["model"]["perplexity"] > 1 and report["baseline"]["perplexity"] > 1
 
 

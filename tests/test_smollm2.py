@@ -6,7 +6,7 @@ import torch
 from bench.corpora import pydoc_split
 from kvconvert.checkpoint import resolve
 from kvconvert.converted import Converted
-from kvconvert.evaluate import perplexity
+from kvconvert.evaluation.perplexity import perplexity
 from kvconvert.expand import expand_to_mha
 from kvconvert.modeling import load_model, load_tokenizer
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, plan_compression, run_calibration, run_compress

@@ -9,8 +9,18 @@ from rich.console import Console
 from rich.table import Table
 
 from kvconvert.cli import app, options
-from kvconvert.evaluate import evaluate
+from kvconvert.evaluation import evaluate
 from kvconvert.progress import RichProgress
+
+
+def _contexts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter("a comma-separated list of token counts, e.g. 512,2048,8192") from None
+    if any(v < 1 for v in values):
+        raise typer.BadParameter("context lengths must be positive")
+    return values
 
 
 @app.command("eval")
@@ -24,23 +34,55 @@ def eval_command(
     device: str = options.Device,
     dtype: str = options.Dtype,
     seed: int = typer.Option(1, "--seed", help="Seed for `--dataset self` (differs from calibration's 0)."),
+    contexts: str = typer.Option(
+        "", "--contexts", help="Also measure decode tokens/s and peak memory at these context lengths (512,2048)."
+    ),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=1, help="Tokens generated per runtime measurement."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Runtime repeats (median, after one warm-up)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Perplexity and KV-cache bytes per token of MODEL (and of --baseline on the same text)."""
+    """Perplexity, KV-cache bytes and (with --contexts) decode speed and peak memory of MODEL vs --baseline."""
     kwargs = dict(baseline=baseline, dataset=dataset, samples=samples, seq_len=seq_len, batch_size=batch_size)
-    kwargs |= dict(seed=seed, device=device, dtype=dtype)
+    kwargs |= dict(seed=seed, device=device, dtype=dtype, contexts=_contexts(contexts))
+    kwargs |= dict(new_tokens=new_tokens, repeats=repeats)
     if as_json:
         print(json.dumps(evaluate(model, **kwargs), indent=2))
         return
     with RichProgress() as progress:
         result = evaluate(model, progress=progress, **kwargs)
-    table = Table(title=f"{dataset}: {samples} x {seq_len} tokens")
-    for col in ("model", "KV heads", "perplexity", "KV bytes/token"):
+    render(result)
+
+
+def render(result: dict) -> None:
+    console = Console()
+    roles = [r for r in ("baseline", "model") if r in result]
+    table = Table(title=f"{result['dataset']}: {result['samples']} x {result['seq_len']} tokens, {result['dtype']}")
+    for col in ("model", "KV heads", "perplexity", "KV bytes/token", "measured"):
         table.add_column(col)
-    for role in ("baseline", "model"):
-        if role in result:
+    for role in roles:
+        r = result[role]
+        kv = r["kv_cache"]
+        measured = "= computed" if kv["measured_matches"] else f"{kv['measured_bytes_per_token']:.0f} (differs)"
+        table.add_row(
+            r["path"], str(r["num_key_value_heads"]), f"{r['perplexity']:.3f}", str(kv["bytes_per_token"]), measured
+        )
+    console.print(table)
+    if result["contexts"]:
+        rt = Table(title="runtime (stock generate, median of repeats)")
+        for col in ("model", "context", "KV bytes", "prefill s", "decode tok/s", "peak memory MiB"):
+            rt.add_column(col)
+        for role in roles:
             r = result[role]
-            table.add_row(
-                r["path"], str(r["num_key_value_heads"]), f"{r['perplexity']:.3f}", str(r["kv_bytes_per_token"])
-            )
-    Console().print(table)
+            for p in r["runtime"]:
+                rt.add_row(
+                    r["path"],
+                    str(p["context"]),
+                    str(r["kv_cache"]["bytes_at_context"][str(p["context"])]),
+                    f"{p['prefill_seconds']:.2f}",
+                    f"{p['decode_tokens_per_second']:.1f}",
+                    f"{p['peak_memory_bytes'] / 2**20:.0f}",
+                )
+        console.print(rt)
+    if "comparison" in result:
+        c = result["comparison"]
+        console.print(f"KV cache x{c['kv_bytes_ratio']:.3f}, perplexity x{c['perplexity_ratio']:.3f}")

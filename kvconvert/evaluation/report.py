@@ -1,0 +1,89 @@
+"""`kvconvert eval`: one report for a model and an optional baseline on the same tokens."""
+
+from __future__ import annotations
+
+from kvconvert.evaluation.kvcache import kv_report
+from kvconvert.evaluation.perplexity import eval_windows, perplexity
+from kvconvert.evaluation.runtime import probe_in_child
+from kvconvert.progress import Progress, Silent
+
+SCHEMA = "kvconvert-eval/1"
+
+
+def evaluate(
+    model_spec: str,
+    *,
+    baseline: str | None = None,
+    dataset: str = "self",
+    samples: int = 32,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    seed: int = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+    contexts: list[int] | None = None,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    progress: Progress | None = None,
+) -> dict:
+    """Perplexity, KV-cache accounting and (for `contexts`) decode speed / peak memory of a model and baseline."""
+    from kvconvert.checkpoint import resolve
+    from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from kvconvert.textdata import windows_digest
+
+    progress = progress or Silent()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    contexts = contexts or []
+    specs = {"model": model_spec} | ({"baseline": baseline} if baseline else {})
+    ckpts = {role: resolve(spec) for role, spec in specs.items()}
+    tokenizer = load_tokenizer(ckpts["model"])
+    report: dict = {
+        "schema": SCHEMA,
+        "dataset": dataset,
+        "samples": samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "device": str(dev),
+        "dtype": str(dt).removeprefix("torch."),
+        "contexts": contexts,
+    }
+    windows = None
+    for role in sorted(ckpts, reverse=True):  # the baseline first: `self` text is sampled from it
+        model = load_model(ckpts[role], dev, dt)
+        if windows is None:
+            windows = eval_windows(model, tokenizer, dataset, samples, seq_len, seed, batch_size)
+            report["tokens_sha256"] = windows_digest(windows)
+        entry = {
+            "path": specs[role],
+            "num_key_value_heads": model.config.num_key_value_heads,
+            "perplexity": perplexity(model, windows, batch_size, progress),
+            "kv_cache": kv_report(model, contexts),
+        }
+        del model
+        advance = progress.task(f"runtime ({role})", len(contexts)) if contexts else None
+        runtime = []
+        for context in contexts:
+            runtime.append(probe_in_child(specs[role], context, new_tokens, repeats, device, dtype))
+            advance()
+        entry["runtime"] = runtime
+        report[role] = entry
+    if baseline:
+        report["comparison"] = compare(report["baseline"], report["model"])
+    return report
+
+
+def compare(base: dict, model: dict) -> dict:
+    """Ratios model / baseline."""
+    out = {
+        "kv_bytes_ratio": model["kv_cache"]["bytes_per_token"] / base["kv_cache"]["bytes_per_token"],
+        "kv_heads_ratio": model["num_key_value_heads"] / base["num_key_value_heads"],
+        "perplexity_ratio": model["perplexity"] / base["perplexity"],
+    }
+    speed = {
+        str(b["context"]): m["decode_tokens_per_second"] / b["decode_tokens_per_second"]
+        for b, m in zip(base["runtime"], model["runtime"], strict=True)
+    }
+    if speed:
+        out["decode_speedup_at_context"] = speed
+    return out
