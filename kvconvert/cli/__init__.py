@@ -17,7 +17,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kvconvert.cli import calibrate, compress, evaluate  # noqa: F401  (commands register on import)
+    from kvconvert.cli import calibrate, compress, evaluate, heal  # noqa: F401  (commands register on import)
 
 
 def _quiet_libraries() -> None:
