@@ -3,7 +3,7 @@
 Calibrates on pydoc-a (32 x 512 tokens), merges with each method, then heals each start by KL distillation from the
 original on the same training windows (pydoc-a, then text sampled from the original to fill the budget) and scores
 perplexity on pydoc-b (held out, 16 x 512 tokens) along the way. Prints a table; with --write, writes
-docs/results/heal.md, heal.json and heal.png.
+docs/results/NAME.md, NAME.json and NAME.png (NAME = --name, default heal).
 
     python -m bench.heal --tokens 100000 --write
 """
@@ -124,8 +124,9 @@ def write_results(rows: list[dict], original: float, args, out: Path) -> None:
         last = r["curve"][max(r["curve"])]
         lines.append(f"| {r['start']} | {r['train']} | {cells} | {last / original:.2f} | {r['seconds']:.0f} |")
     lines.append("")
-    (out / "heal.md").write_text("\n".join(lines))
-    (out / "heal.json").write_text(json.dumps({"command": command, "original": original, "rows": rows}, indent=2))
+    (out / f"{args.name}.md").write_text("\n".join(lines))
+    record = {"command": command, "original": original, "rows": rows}
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         xs = sorted(r["curve"])
@@ -135,7 +136,7 @@ def write_results(rows: list[dict], original: float, args, out: Path) -> None:
     ax.set(yscale="log", xlabel="healing tokens", ylabel="perplexity on pydoc-b", title="SmolLM2 3 → 1 KV heads")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "heal.png", dpi=120)
+    fig.savefig(out / f"{args.name}.png", dpi=120)
 
 
 def main() -> None:
@@ -147,10 +148,11 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["pydoc-a", "self"], help="pydoc-a, self, or paths")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--write", type=Path, nargs="?", const=Path("docs/results"), default=None)
+    parser.add_argument("--name", default="heal", help="file stem of the written results")
     args = parser.parse_args()
 
     torch.manual_seed(0)

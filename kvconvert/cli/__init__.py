@@ -23,12 +23,14 @@ def _register() -> None:
 def _quiet_libraries() -> None:
     """kvconvert draws its own progress bars; silence the libraries' bars and info logs."""
     import datasets
+    import huggingface_hub
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def main() -> None:

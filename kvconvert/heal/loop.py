@@ -21,7 +21,7 @@ class TrainConfig:
     steps: int
     batch_size: int
     """Windows per process per step; the global batch is this times the number of processes."""
-    lr: float = 2e-4
+    lr: float = 3e-4
     warmup: float = 0.05
     """Share of the steps with linear warm-up; cosine decay to zero after it."""
     weight_decay: float = 0.0

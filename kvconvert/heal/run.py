@@ -36,8 +36,8 @@ class HealRequest:
     tokens: int | None = 100_000
     steps: int | None = None
     seq_len: int = 512
-    batch_size: int = 4
-    lr: float = 2e-4
+    batch_size: int = 2
+    lr: float = 3e-4
     train: str = "attn"
     lora_rank: int = 16
     kl_weight: float = 1.0
