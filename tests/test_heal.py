@@ -183,3 +183,17 @@ def test_bad_heal_requests_name_the_fix(student, tiny_llama, text_a, tmp_path):
         run_heal(request(student, tiny_llama, text_a, student))
     with pytest.raises(KVConvertError, match="not both 0"):
         run_heal(request(student, tiny_llama, text_a, tmp_path / "o", kl_weight=0.0))
+
+
+def test_bf16_mixed_precision_keeps_a_bf16_student_bf16(text_a, tmp_path):
+    """The GPU recipe (bf16 teacher, fp32 master weights under bf16 autocast), run on CPU autocast."""
+    from tests.tiny import make_model
+
+    teacher = make_model(tmp_path / "bf16", "mistral", dtype=torch.bfloat16)
+    conv = tmp_path / "conv"
+    run_compress(CompressRequest(str(teacher), "2", conv, calibration=CalibrationRequest(str(text_a), 4, 32, 4)))
+    result = run_heal(request(conv, teacher, text_a, tmp_path / "healed", steps=2, dtype="bfloat16"))
+    assert result.verify.ok and result.verify.max_abs_diff == 0.0
+    got, want = load_file(tmp_path / "healed" / "model.safetensors"), load_file(conv / "model.safetensors")
+    assert {v.dtype for v in got.values()} == {torch.bfloat16} and got.keys() == want.keys()
+    assert not torch.equal(got["model.layers.0.self_attn.v_proj.weight"], want["model.layers.0.self_attn.v_proj.weight"])

@@ -119,7 +119,7 @@ def train(
     student.eval()
     accelerator.wait_for_everyone()
     return TrainResult(
-        accelerator.unwrap_model(student),
+        accelerator.unwrap_model(student, keep_fp32_wrapper=False),  # plain forward again, no autocast wrapper
         cfg.steps,
         cfg.steps * global_batch * seq_len,
         start,
