@@ -196,4 +196,23 @@ def test_bf16_mixed_precision_keeps_a_bf16_student_bf16(text_a, tmp_path):
     assert result.verify.ok and result.verify.max_abs_diff == 0.0
     got, want = load_file(tmp_path / "healed" / "model.safetensors"), load_file(conv / "model.safetensors")
     assert {v.dtype for v in got.values()} == {torch.bfloat16} and got.keys() == want.keys()
-    assert not torch.equal(got["model.layers.0.self_attn.v_proj.weight"], want["model.layers.0.self_attn.v_proj.weight"])
+    v = "model.layers.0.self_attn.v_proj.weight"
+    assert not torch.equal(got[v], want[v])
+
+
+def test_teacher_samples_fill_what_the_text_lacks(tiny_llama, tmp_path):
+    from kvconvert.heal.data import build_windows
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    short = tmp_path / "short.txt"
+    short.write_text("key value cache merge head " * 6)
+    text_only = text_windows(tokenizer, iter_texts(str(short)), 32, 100)
+    n_text = len(text_only)
+    assert 0 < n_text < 6
+    windows, sources = build_windows(load(tiny_llama), tokenizer, [str(short), "self"], 6, 32, seed=1)
+    assert windows.shape == (6, 32) and torch.equal(windows[:n_text], text_only)
+    assert sources[0] == {"dataset": str(short), "windows": n_text}
+    assert sources[1] == {"dataset": "self", "windows": 6 - n_text, "seed": 1}
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    with pytest.raises(KVConvertError, match="fewer than"):
+        build_windows(None, tokenizer, [str(short)], 2, 10_000)
