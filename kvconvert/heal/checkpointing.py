@@ -40,12 +40,14 @@ def load_windows(state_dir: Path) -> tuple[torch.Tensor, list[dict]]:
     return load_file(str(path))["windows"], sources
 
 
-def check_fresh_start(state_dir: Path, overwrite: bool) -> None:
-    """Refuse to silently discard the state of an interrupted run."""
-    if (state_dir / LATEST).exists() and not overwrite:
-        raise KVConvertError(
-            f"{state_dir} holds an interrupted healing run; pass --resume to continue it or --overwrite to restart"
-        )
+def start_fresh(state_dir: Path, overwrite: bool) -> None:
+    """Discard the state of an earlier run, but only when told to (--overwrite)."""
+    if (state_dir / LATEST).exists():
+        if not overwrite:
+            raise KVConvertError(
+                f"{state_dir} holds an interrupted healing run; pass --resume to continue it or --overwrite to restart"
+            )
+        shutil.rmtree(state_dir / LATEST)
 
 
 def save_state(accelerator, state_dir: Path, step: int, settings: dict) -> None:

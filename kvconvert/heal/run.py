@@ -115,7 +115,7 @@ def run_heal(
     global_batch = req.batch_size * accelerator.num_processes
     state_dir = req.state_dir or checkpointing.default_state_dir(req.output)
     if not req.resume and accelerator.is_main_process:
-        checkpointing.check_fresh_start(state_dir, req.overwrite)
+        checkpointing.start_fresh(state_dir, req.overwrite)
 
     objective = Objective(req.kl_weight, req.ce_weight, req.temperature)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_ckpt.path, dtype=dtype)
