@@ -81,7 +81,7 @@ def heal_curve(start: Path, train: str, windows: Path, eval_windows: torch.Tenso
     req = HealRequest(
         student=str(start),
         teacher="smollm2",
-        output=cache / f"healed-{start.name.removeprefix('start-')}-{train}",
+        output=cache / f"healed-{args.name}-{start.name.removeprefix('start-')}-{train}",
         datasets=[str(windows)],
         tokens=args.tokens,
         seq_len=args.seq_len,
@@ -168,11 +168,11 @@ def main() -> None:
         for train in args.train:
             result = heal_curve(path, train, windows, eval_windows, args, args.cache)
             rows.append({"start": method, "train": train, **result})
+            if args.write:  # after every run, so a stopped benchmark keeps what it measured
+                write_results(rows, original, args, args.write)
     print(f"\n{'start':<10}{'train':<7}" + "".join(f"{p:>10}" for p in sorted(rows[0]["curve"])))
     for r in rows:
         print(f"{r['start']:<10}{r['train']:<7}" + "".join(f"{r['curve'][p]:>10.2f}" for p in sorted(r["curve"])))
-    if args.write:
-        write_results(rows, original, args, args.write)
 
 
 if __name__ == "__main__":
