@@ -27,6 +27,19 @@ def pydoc_split(directory: Path = DEFAULT_DIR) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def pydoc_jsonl(directory: Path = DEFAULT_DIR) -> Path:
+    """pydoc-b as JSON lines, one topic per document (the `text` field), for lm-evaluation-harness tasks."""
+    import json
+    from pydoc_data.topics import topics
+
+    path = directory / "pydoc-b.jsonl"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        keys = sorted(topics)[1::2]
+        path.write_text("".join(json.dumps({"topic": k, "text": topics[k]}) + "\n" for k in keys))
+    return path
+
+
 def pydoc_all(directory: Path = DEFAULT_DIR) -> Path:
     """Both halves in one file (for benchmarks that need more text and no held-out part)."""
     a, b = pydoc_split(directory)
@@ -39,5 +52,6 @@ def pydoc_all(directory: Path = DEFAULT_DIR) -> Path:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
-    for p in pydoc_split(parser.parse_args().dir):
+    directory = parser.parse_args().dir
+    for p in (*pydoc_split(directory), pydoc_jsonl(directory)):
         print(p)

@@ -30,6 +30,9 @@ def model_card(info: dict) -> str:
         f"- calibration: `{info['calibration'].get('dataset')}`, "
         f"{info['calibration'].get('samples')} x {info['calibration'].get('seq_len')} tokens",
     ]
+    if "heal" in info:
+        h = info["heal"]
+        lines.append(f"- healed: {h['tokens']} tokens of distillation from `{h['teacher']}` (trained `{h['train']}`)")
     for key, label in (("perplexity", "perplexity"), ("kv_bytes_per_token", "KV bytes per token")):
         if key in info:
             lines.append(f"- {label}: {info[key]}")

@@ -19,6 +19,7 @@ from kvconvert.decompose import decompose
 from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output, write_checkpoint
+from kvconvert.heal import HealRequest, HealResult, run_heal
 from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.plan import CompressionPlan
@@ -67,6 +68,8 @@ class CompressRequest:
     verify: bool = True
     overwrite: bool = False
     max_shard_size: str = "5GB"
+    heal: HealRequest | None = None
+    """Heal the written output in place right after the merge (student = output, teacher = model)."""
 
 
 @dataclass
@@ -75,6 +78,7 @@ class CompressResult:
     plan: CompressionPlan
     timings: dict[str, float]
     verify: VerifyResult | None
+    heal: HealResult | None = None
 
 
 def run_calibration(
@@ -261,7 +265,12 @@ def _compress_with_stats(
                 f"reloaded output differs from the in-memory conversion (max |Δlogit| {result.max_abs_diff:.3g}); "
                 "please report this"
             )
-    return CompressResult(req.output, plan, timings, result)
+    healed = None
+    if req.heal is not None:
+        t0 = time.perf_counter()
+        healed = run_heal(req.heal, progress)
+        timings["heal"] = time.perf_counter() - t0
+    return CompressResult(req.output, plan, timings, result, healed)
 
 
 def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: CalibrationStats) -> dict:

@@ -11,7 +11,7 @@ Advance = Callable[..., None]
 
 class Progress(Protocol):
     def task(self, description: str, total: int | None) -> Advance:
-        """Start a bar; the returned callable advances it (by 1 unless given a count)."""
+        """Start a bar; the returned callable advances it (by 1 unless given a count; `info=` sets status text)."""
         ...
 
     def log(self, message: str) -> None: ...
@@ -21,7 +21,7 @@ class Silent:
     """No output."""
 
     def task(self, description: str, total: int | None) -> Advance:
-        return lambda n=1: None
+        return lambda n=1, info=None: None
 
     def log(self, message: str) -> None:
         pass
@@ -49,6 +49,7 @@ class RichProgress(AbstractContextManager):
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
             console=self._console,
             transient=False,
             disable=not enabled,
@@ -62,8 +63,12 @@ class RichProgress(AbstractContextManager):
         self._bars.__exit__(*exc)
 
     def task(self, description: str, total: int | None) -> Advance:
-        tid = self._bars.add_task(description, total=total)
-        return lambda n=1: self._bars.advance(tid, n)
+        tid = self._bars.add_task(description, total=total, info="")
+
+        def advance(n=1, info: str | None = None) -> None:
+            self._bars.update(tid, advance=n, **({} if info is None else {"info": info}))
+
+        return advance
 
     def log(self, message: str) -> None:
         if self._enabled:

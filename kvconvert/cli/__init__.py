@@ -17,18 +17,20 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kvconvert.cli import calibrate, compress, evaluate  # noqa: F401  (commands register on import)
+    from kvconvert.cli import calibrate, compress, evaluate, heal  # noqa: F401  (commands register on import)
 
 
 def _quiet_libraries() -> None:
     """kvconvert draws its own progress bars; silence the libraries' bars and info logs."""
     import datasets
+    import huggingface_hub
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def main() -> None:

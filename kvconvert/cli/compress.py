@@ -10,10 +10,12 @@ from rich.table import Table
 
 from kvconvert.cli import app, options
 from kvconvert.decompose import GROUPINGS
+from kvconvert.heal import HealRequest
 from kvconvert.merge.methods import METHODS
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, CompressResult, RefineRequest, run_compress
 from kvconvert.progress import RichProgress
 from kvconvert.refine import INPUTS
+from kvconvert.textdata import SELF
 
 
 @app.command()
@@ -44,6 +46,9 @@ def compress(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the output with stock transformers."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    heal_tokens: int = typer.Option(
+        None, "--heal-tokens", min=1, help="Then heal the output with N tokens (`kvconvert heal` defaults)."
+    ),
 ) -> None:
     """Merge MODEL's KV heads down to --heads and write a stock checkpoint to --output."""
     if method not in METHODS:
@@ -67,6 +72,21 @@ def compress(
         overwrite=overwrite,
         max_shard_size=max_shard_size,
     )
+    if heal_tokens:
+        req.heal = HealRequest(
+            student=str(output),
+            teacher=model,
+            output=output,
+            datasets=[dataset] if dataset == SELF else [dataset, SELF],
+            tokens=heal_tokens,
+            seq_len=min(seq_len, 512),
+            seed=seed,
+            text_field=text_field,
+            device=device,
+            dtype=dtype,
+            overwrite=True,
+            max_shard_size=max_shard_size,
+        )
     with RichProgress() as progress:
         result = run_compress(req, progress)
     report(result)
@@ -83,6 +103,9 @@ def report(result: CompressResult) -> None:
     )
     if result.verify:
         console.print(f"verified: stock reload matches (max |Δlogit| {result.verify.max_abs_diff:.2e})")
+    if result.heal:
+        h = result.heal.record["heal"]
+        console.print(f"healed in place: {h['tokens']} tokens ({h['train']}), final KL {h['final_loss']:.4f}")
     table = Table(title="time by stage")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
