@@ -3,9 +3,13 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kvconvert.cli import _register, app
+from kvconvert.evaluation.kvcache import kv_cache_bytes, kv_report, layer_windows
+from kvconvert.evaluation.runtime import probe
+from kvconvert.modeling import load_model
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
 from tests.tiny import make_model
 
@@ -54,14 +58,21 @@ def test_eval_json_schema_and_kv_accounting(pair, text_b):
     assert (b["num_key_value_heads"], m["num_key_value_heads"]) == (4, 1)
     for entry, n_kv in ((b, 4), (m, 1)):
         kv = entry["kv_cache"]
-        assert kv["bytes_per_token"] == 2 * 2 * n_kv * 16 * 4  # K+V, 2 layers, head_dim 16, float32
-        assert kv["measured_matches"] and kv["measured_bytes_per_token"] == kv["bytes_per_token"]
-        assert kv["bytes_at_context"] == {"16": kv["bytes_per_token"] * 16, "48": kv["bytes_per_token"] * 48}
+        per_token = 2 * 2 * n_kv * 16 * 4  # K+V, 2 layers, head_dim 16, float32
+        assert kv["bytes_per_token"] == per_token
+        assert kv["measured_matches"] and kv["measured_bytes"] == kv["computed_bytes"] == per_token * 32
+        assert kv["bytes_at_context"] == {"16": per_token * 16, "48": per_token * 48}
         assert [p["context"] for p in entry["runtime"]] == [16, 48]
         for p in entry["runtime"]:
-            assert p["decode_tokens_per_second"] > 0 and p["peak_memory_bytes"] > 0 and p["new_tokens"] == 4
-    assert report["comparison"]["kv_bytes_ratio"] == 0.25 == report["comparison"]["kv_heads_ratio"]
-    assert set(report["comparison"]["decode_speedup_at_context"]) == {"16", "48"}
+            assert p["new_tokens"] == 4 and p["batch"] == 1 and p["cache_tokens"] == p["context"] + 3
+            assert p["cache_matches"] and p["measured_cache_bytes"] == per_token * p["cache_tokens"]
+            assert p["decode_tokens_per_second"] > 0 and p["prefill_seconds"] > 0
+            assert 0 < p["model_memory_bytes"] <= p["peak_memory_bytes"]
+            assert p["peak_memory_kind"] == "process_max_rss"
+    c = report["comparison"]
+    assert c["kv_bytes_ratio"] == 0.25 == c["kv_heads_ratio"]
+    assert set(c["decode_speedup_at_context"]) == set(c["peak_memory_saved_bytes_at_context"]) == {"16", "48"}
+    assert c["perplexity_ratio"] == m["perplexity"] / b["perplexity"]
 
 
 def test_eval_table_without_baseline(pair, text_b):
@@ -69,6 +80,32 @@ def test_eval_table_without_baseline(pair, text_b):
     r = CliRunner().invoke(app, ["eval", str(conv), "--dataset", str(text_b), "--samples", "2", "--seq-len", "32"])
     assert r.exit_code == 0, r.output
     assert "perplexity" in r.stdout and "= computed" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A tiny Mistral whose layers keep only a sliding window of 8 tokens (7 cached)."""
+    path = make_model(tmp_path_factory.mktemp("swa"), "mistral", heads=4, kv_heads=2)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"sliding_window": 8}))
+    return path
+
+
+def test_kv_accounting_follows_sliding_windows(windowed):
+    model = load_model(str(windowed), torch.device("cpu"), torch.float32)
+    assert layer_windows(model.config) == [7, 7]
+    per_token = 2 * 2 * 2 * 16 * 4
+    assert kv_cache_bytes(model.config, 4, 5) == per_token * 5
+    assert kv_cache_bytes(model.config, 4, 30, batch=3) == per_token * 7 * 3
+    report = kv_report(model, [4, 100], tokens=20)
+    assert report["measured_bytes"] == report["computed_bytes"] == per_token * 7
+    assert report["bytes_at_context"] == {"4": per_token * 4, "100": per_token * 7}
+
+
+def test_runtime_probe_measures_the_generate_cache(windowed):
+    p = probe(str(windowed), context=12, new_tokens=3, repeats=1, device="cpu", dtype="float32", batch=2)
+    assert p["cache_tokens"] == 14 and p["cache_matches"]
+    assert p["measured_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * 7 * 2  # window-limited, batch 2
 
 
 def test_bad_contexts_are_a_usage_error(pair):

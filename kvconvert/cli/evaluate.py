@@ -37,14 +37,15 @@ def eval_command(
     contexts: str = typer.Option(
         "", "--contexts", help="Also measure decode tokens/s and peak memory at these context lengths (512,2048)."
     ),
-    new_tokens: int = typer.Option(32, "--new-tokens", min=1, help="Tokens generated per runtime measurement."),
+    new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="Tokens generated per runtime measurement."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runtime repeats (median, after one warm-up)."),
+    runtime_batch: int = typer.Option(1, "--runtime-batch", min=1, help="Sequences per runtime measurement."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Perplexity, KV-cache bytes and (with --contexts) decode speed and peak memory of MODEL vs --baseline."""
     kwargs = dict(baseline=baseline, dataset=dataset, samples=samples, seq_len=seq_len, batch_size=batch_size)
     kwargs |= dict(seed=seed, device=device, dtype=dtype, contexts=_contexts(contexts))
-    kwargs |= dict(new_tokens=new_tokens, repeats=repeats)
+    kwargs |= dict(new_tokens=new_tokens, repeats=repeats, runtime_batch=runtime_batch)
     if as_json:
         print(json.dumps(evaluate(model, **kwargs), indent=2))
         return
@@ -53,23 +54,38 @@ def eval_command(
     render(result)
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
 def render(result: dict) -> None:
+    """The report as rich tables."""
     console = Console()
     roles = [r for r in ("baseline", "model") if r in result]
     table = Table(title=f"{result['dataset']}: {result['samples']} x {result['seq_len']} tokens, {result['dtype']}")
-    for col in ("model", "KV heads", "perplexity", "KV bytes/token", "measured"):
+    tokens = result[roles[0]]["kv_cache"]["measured_tokens"]
+    for col in ("model", "KV heads", "perplexity", "KV bytes/token", f"DynamicCache, {tokens} tokens"):
         table.add_column(col)
     for role in roles:
         r = result[role]
         kv = r["kv_cache"]
-        measured = "= computed" if kv["measured_matches"] else f"{kv['measured_bytes_per_token']:.0f} (differs)"
+        measured = "= computed" if kv["measured_matches"] else f"{kv['measured_bytes']} B ≠ {kv['computed_bytes']} B"
         table.add_row(
             r["path"], str(r["num_key_value_heads"]), f"{r['perplexity']:.3f}", str(kv["bytes_per_token"]), measured
         )
     console.print(table)
     if result["contexts"]:
-        rt = Table(title="runtime (stock generate, median of repeats)")
-        for col in ("model", "context", "KV bytes", "prefill s", "decode tok/s", "peak memory MiB"):
+        rt = Table(title=f"stock generate(), batch {result['runtime_batch']}, median of repeats after a warm-up")
+        for col in (
+            "model",
+            "context",
+            "KV cache MiB",
+            "real cache",
+            "prefill s",
+            "decode tok/s",
+            "peak MiB",
+            "model MiB",
+        ):
             rt.add_column(col)
         for role in roles:
             r = result[role]
@@ -77,10 +93,12 @@ def render(result: dict) -> None:
                 rt.add_row(
                     r["path"],
                     str(p["context"]),
-                    str(r["kv_cache"]["bytes_at_context"][str(p["context"])]),
+                    _mib(r["kv_cache"]["bytes_at_context"][str(p["context"])]),
+                    "= computed" if p["cache_matches"] else f"{_mib(p['measured_cache_bytes'])} (differs)",
                     f"{p['prefill_seconds']:.2f}",
                     f"{p['decode_tokens_per_second']:.1f}",
-                    f"{p['peak_memory_bytes'] / 2**20:.0f}",
+                    _mib(p["peak_memory_bytes"]),
+                    _mib(p["model_memory_bytes"]),
                 )
         console.print(rt)
     if "comparison" in result:

@@ -1,38 +1,71 @@
-"""KV-cache accounting: bytes per token from the config, checked against a real DynamicCache."""
+"""KV-cache accounting: bytes from the config, checked against the DynamicCache stock transformers builds."""
 
 from __future__ import annotations
 
 import torch
 
 
-def kv_bytes_per_token(config, dtype_bytes: int) -> int:
-    """K and V cache bytes per token over all layers, for `dtype_bytes` per element."""
+def _kv_heads_and_head_dim(config) -> tuple[int, int]:
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return n_kv, head_dim
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """K and V cache bytes per token over all layers, for `dtype_bytes` per element."""
+    n_kv, head_dim = _kv_heads_and_head_dim(config)
     return 2 * config.num_hidden_layers * n_kv * head_dim * dtype_bytes
 
 
-@torch.no_grad()
-def measured_bytes_per_token(model, tokens: int = 32) -> float:
-    """Size of the DynamicCache that stock transformers builds for `tokens` tokens, divided by `tokens`."""
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    cache = model(input_ids=ids.to(device), use_cache=True).past_key_values
+def layer_windows(config) -> list[int | None]:
+    """Per layer, the most tokens its cache keeps (None: all), as transformers' own DynamicCache lays it out.
+
+    Sliding-window layers keep the last `sliding_window - 1` tokens (transformers' DynamicSlidingWindowLayer).
+    """
+    from transformers import DynamicCache
+
+    layers = DynamicCache(config=config).layers
+    return [layer.sliding_window - 1 if getattr(layer, "is_sliding", False) else None for layer in layers]
+
+
+def kv_cache_bytes(config, dtype_bytes: int, tokens: int, batch: int = 1) -> int:
+    """Computed size of the KV cache after `tokens` tokens of `batch` sequences (sliding windows included)."""
+    n_kv, head_dim = _kv_heads_and_head_dim(config)
+    kept = sum(tokens if w is None else min(tokens, w) for w in layer_windows(config))
+    return 2 * kept * n_kv * head_dim * dtype_bytes * batch
+
+
+def cache_bytes(cache) -> int:
+    """Measured size of a transformers Cache: the bytes of every layer's key and value tensors."""
     size = 0
     for layer in cache.layers:
-        size += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-    return size / tokens
+        for t in (layer.keys, layer.values):
+            if t is not None and t.numel():
+                size += t.numel() * t.element_size()
+    return size
 
 
-def kv_report(model, contexts: list[int]) -> dict:
-    """Computed and measured KV bytes per token (in the model's dtype), and the computed size at each context."""
+@torch.no_grad()
+def measured_cache_bytes(model, tokens: int = 32) -> int:
+    """Size of the DynamicCache that one stock forward pass over `tokens` random tokens leaves behind."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    return cache_bytes(model(input_ids=ids.to(device), use_cache=True).past_key_values)
+
+
+def kv_report(model, contexts: list[int], tokens: int = 32) -> dict:
+    """Computed KV bytes per token and at each context (model dtype), and the cache measured after a forward."""
     dtype_bytes = next(model.parameters()).element_size()
-    computed = kv_bytes_per_token(model.config, dtype_bytes)
-    measured = measured_bytes_per_token(model)
+    computed = kv_cache_bytes(model.config, dtype_bytes, tokens)
+    measured = measured_cache_bytes(model, tokens)
     return {
         "dtype_bytes": dtype_bytes,
-        "bytes_per_token": computed,
-        "measured_bytes_per_token": measured,
+        "bytes_per_token": kv_bytes_per_token(model.config, dtype_bytes),
+        "sliding_window_layers": sum(w is not None for w in layer_windows(model.config)),
+        "measured_tokens": tokens,
+        "measured_bytes": measured,
+        "measured_bytes_per_token": measured / tokens,
+        "computed_bytes": computed,
         "measured_matches": measured == computed,
-        "bytes_at_context": {str(c): computed * c for c in contexts},
+        "bytes_at_context": {str(c): kv_cache_bytes(model.config, dtype_bytes, c) for c in contexts},
     }

@@ -24,6 +24,7 @@ def evaluate(
     contexts: list[int] | None = None,
     new_tokens: int = 32,
     repeats: int = 3,
+    runtime_batch: int = 1,
     progress: Progress | None = None,
 ) -> dict:
     """Perplexity, KV-cache accounting and (for `contexts`) decode speed / peak memory of a model and baseline."""
@@ -47,6 +48,7 @@ def evaluate(
         "device": str(dev),
         "dtype": str(dt).removeprefix("torch."),
         "contexts": contexts,
+        "runtime_batch": runtime_batch,
     }
     windows = None
     for role in sorted(ckpts, reverse=True):  # the baseline first: `self` text is sampled from it
@@ -64,7 +66,7 @@ def evaluate(
         advance = progress.task(f"runtime ({role})", len(contexts)) if contexts else None
         runtime = []
         for context in contexts:
-            runtime.append(probe_in_child(specs[role], context, new_tokens, repeats, device, dtype))
+            runtime.append(probe_in_child(specs[role], context, new_tokens, repeats, device, dtype, runtime_batch))
             advance()
         entry["runtime"] = runtime
         report[role] = entry
@@ -74,16 +76,18 @@ def evaluate(
 
 
 def compare(base: dict, model: dict) -> dict:
-    """Ratios model / baseline."""
+    """Model vs baseline: KV, KV-head and perplexity ratios; per context, decode speedup and peak memory saved."""
     out = {
         "kv_bytes_ratio": model["kv_cache"]["bytes_per_token"] / base["kv_cache"]["bytes_per_token"],
         "kv_heads_ratio": model["num_key_value_heads"] / base["num_key_value_heads"],
         "perplexity_ratio": model["perplexity"] / base["perplexity"],
     }
-    speed = {
-        str(b["context"]): m["decode_tokens_per_second"] / b["decode_tokens_per_second"]
-        for b, m in zip(base["runtime"], model["runtime"], strict=True)
-    }
-    if speed:
-        out["decode_speedup_at_context"] = speed
+    pairs = list(zip(base["runtime"], model["runtime"], strict=True))
+    if pairs:
+        out["decode_speedup_at_context"] = {
+            str(b["context"]): m["decode_tokens_per_second"] / b["decode_tokens_per_second"] for b, m in pairs
+        }
+        out["peak_memory_saved_bytes_at_context"] = {
+            str(b["context"]): b["peak_memory_bytes"] - m["peak_memory_bytes"] for b, m in pairs
+        }
     return out
