@@ -58,7 +58,10 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+"""Files that actually define a tokenizer (a tokenizer_config.json alone does not)."""
 
 
 def cache_root() -> Path:
@@ -75,25 +78,34 @@ class TensorReader:
     """
 
     def __init__(self, directory: Path):
+        """Open every shard once (a missing, truncated or corrupt shard fails here, before any work)."""
         self.directory = directory
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise KVConvertError(f"{index} is not a valid shard index ({exc}); re-download it") from exc
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             if not files:
-                raise KVConvertError(f"no *.safetensors weights in {directory}; only safetensors checkpoints are read")
+                raise KVConvertError(f"no *.safetensors weights in {directory}; point MODEL at a complete checkpoint")
             weight_map = {}
-            for name in files:
-                with self._open(name) as f:
-                    weight_map |= dict.fromkeys(f.keys(), name)
         for name in files:
-            with self._open(name):
-                pass
+            with self._open(name) as f:
+                keys = set(f.keys())
+            if not index.exists():
+                weight_map |= dict.fromkeys(sorted(keys), name)
+                continue
+            absent = [t for t, shard in weight_map.items() if shard == name and t not in keys]
+            if absent:
+                raise KVConvertError(f"shard {directory / name} lacks {absent[0]} that the index lists; re-download it")
         self.weight_map: dict[str, str] = weight_map
 
     def _open(self, filename: str):
+        if not (self.directory / filename).is_file():
+            raise KVConvertError(f"shard {self.directory / filename} listed in the index is missing; re-download it")
         try:
             return safe_open(str(self.directory / filename), framework="pt")
         except Exception as exc:  # safetensors raises its own error types
@@ -132,15 +144,29 @@ class TensorReader:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A local Hugging Face checkpoint directory with safetensors weights."""
+    """A local Hugging Face checkpoint directory with safetensors weights.
+
+    `trust_remote_code` lets transformers run the checkpoint's own Python code (off unless asked for);
+    `declared_license` is the license the source declares outside the directory (a GGUF file's metadata).
+    """
 
     path: Path
     spec: str
     base_model: str | None = None
+    trust_remote_code: bool = False
+    declared_license: str | None = None
 
     @cached_property
     def config(self) -> PretrainedConfig:
-        return AutoConfig.from_pretrained(self.path)
+        try:
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        except (ValueError, OSError, KeyError) as exc:
+            if "trust_remote_code" in str(exc):
+                raise KVConvertError(
+                    f"{self.spec} needs its own Python code to load (auto_map in config.json), which kvconvert does "
+                    "not run by default; pass --trust-remote-code only if you trust that code"
+                ) from None
+            raise KVConvertError(f"cannot read {self.path / 'config.json'}: {str(exc).splitlines()[0]}") from exc
 
     @cached_property
     def raw_config(self) -> dict:
@@ -158,21 +184,55 @@ class Checkpoint:
         """Tokenizer and generation files to copy next to converted weights."""
         return [self.path / f for f in (*TOKENIZER_FILES, *GENERATION_FILES) if (self.path / f).exists()]
 
+    def has_tokenizer(self) -> bool:
+        return any((self.path / f).exists() for f in TOKENIZER_CORE)
+
+    @cached_property
+    def license(self) -> dict[str, str]:
+        """`license` (and `license_name`/`license_link` for `other`) declared by the source, or {} when unknown.
+
+        Looked up in the GGUF metadata, then the front matter of the checkpoint's README.md, then config.json.
+        """
+        meta: dict = {}
+        readme = self.path / "README.md"
+        if self.declared_license:
+            meta = {"license": self.declared_license}
+        elif readme.exists():
+            from huggingface_hub import metadata_load
+
+            try:
+                meta = metadata_load(readme) or {}
+            except Exception:  # a malformed card only loses the license line
+                meta = {}
+        if not meta.get("license") and isinstance(self.raw_config.get("license"), str):
+            meta = {"license": self.raw_config["license"]}
+        keys = ("license", "license_name", "license_link")
+        return {k: meta[k] for k in keys if isinstance(meta.get(k), str) and meta[k]}
+
     def attention(self, layer: int) -> AttentionWeights:
         """One layer's attention projections (biases where the checkpoint has them)."""
         fam, t = self.family, self.tensors
 
-        def opt(name: str) -> torch.Tensor | None:
-            return t.get(name) if name in t else None
+        def get(proj: str, kind: str = "weight") -> torch.Tensor | None:
+            name = fam.tensor_name(layer, proj, kind)
+            if kind == "bias" and name not in t:
+                return None
+            value = t.get(name)
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise KVConvertError(
+                    f"{name} of {self.spec} contains NaN/Inf; the checkpoint is corrupt or overflowed: re-download it "
+                    "or convert a bfloat16/float32 copy"
+                )
+            return value
 
         return AttentionWeights(
-            q_weight=t.get(fam.tensor_name(layer, "q")),
-            k_weight=t.get(fam.tensor_name(layer, "k")),
-            v_weight=t.get(fam.tensor_name(layer, "v")),
-            o_weight=t.get(fam.tensor_name(layer, "o")),
-            q_bias=opt(fam.tensor_name(layer, "q", "bias")),
-            k_bias=opt(fam.tensor_name(layer, "k", "bias")),
-            v_bias=opt(fam.tensor_name(layer, "v", "bias")),
+            q_weight=get("q"),
+            k_weight=get("k"),
+            v_weight=get("v"),
+            o_weight=get("o"),
+            q_bias=get("q", "bias"),
+            k_bias=get("k", "bias"),
+            v_bias=get("v", "bias"),
         )
 
     def fingerprint(self) -> dict:
@@ -197,23 +257,72 @@ class Checkpoint:
         }
 
 
-def resolve(spec: str, *, revision: str | None = None) -> Checkpoint:
-    """Local checkpoint for MODEL: a directory, a .gguf file, a built-in alias, or a Hub id."""
+def resolve(
+    spec: str, *, revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> Checkpoint:
+    """Local checkpoint for MODEL: a directory, a .gguf file, a built-in alias, or a Hub id.
+
+    Pickle (`.bin`) weights are refused unless `allow_pickle`; then they are read with `weights_only=True` into a
+    cached safetensors copy. `trust_remote_code` is passed to transformers and is off unless asked for.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise KVConvertError(f"{path} has no config.json; point MODEL at a Hugging Face checkpoint directory")
-        return Checkpoint(path.resolve(), spec)
+        local = _safetensors_dir(path.resolve(), spec, allow_pickle, trust_remote_code)
+        return Checkpoint(local, spec, hub_id_of_cache_path(path.resolve()), trust_remote_code)
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise KVConvertError(f"GGUF file {spec} does not exist")
-        return Checkpoint(gguf_checkpoint(path.resolve()), spec)
+        return Checkpoint(gguf_checkpoint(path.resolve()), spec, declared_license=gguf_license(path))
     if spec in BUILTINS:
         b = BUILTINS[spec]
-        return Checkpoint(gguf_checkpoint(builtin_gguf(b)), spec, base_model=b.base_model)
+        gguf = builtin_gguf(b)
+        return Checkpoint(gguf_checkpoint(gguf), spec, base_model=b.base_model, declared_license=gguf_license(gguf))
     if path.exists() or spec.startswith((".", "/", "~")):
         raise KVConvertError(f"{spec} is neither a checkpoint directory nor a .gguf file")
-    return Checkpoint(hub_snapshot(spec, revision), spec, base_model=spec)
+    local = _safetensors_dir(hub_snapshot(spec, revision, allow_pickle), spec, allow_pickle, trust_remote_code)
+    return Checkpoint(local, spec, base_model=spec, trust_remote_code=trust_remote_code)
+
+
+def _safetensors_dir(path: Path, spec: str, allow_pickle: bool, trust_remote_code: bool) -> Path:
+    """`path` itself, or (pickle checkpoints, when allowed) its cached safetensors copy."""
+    from kvconvert.pickled import pickle_weights, safetensors_copy
+
+    if any(path.glob("*.safetensors")) or not pickle_weights(path):
+        return path
+    if not allow_pickle:
+        raise KVConvertError(
+            f"{spec} has only pickle weights (pytorch_model*.bin), which can run code when loaded; pass "
+            "--allow-pickle to read them with torch.load(weights_only=True), or use a safetensors checkpoint"
+        )
+    probe = Checkpoint(path, spec, trust_remote_code=trust_remote_code)
+    tied = {"lm_head.weight"} if getattr(probe.config, "tie_word_embeddings", False) else set()
+    return safetensors_copy(path, cache_root(), probe.side_files() + _existing(path, "README.md"), tied)
+
+
+def _existing(directory: Path, *names: str) -> list[Path]:
+    return [directory / n for n in names if (directory / n).exists()]
+
+
+def hub_id_of_cache_path(path: Path) -> str | None:
+    """`org/name` when `path` is a snapshot inside the Hugging Face cache (…/models--org--name/snapshots/<sha>)."""
+    parts = path.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return None
+
+
+def gguf_license(gguf: Path) -> str | None:
+    """`general.license` from a GGUF file's metadata, if it has one."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(gguf)).fields.get("general.license")
+        value = field.contents() if field is not None else None
+    except Exception:  # unreadable metadata only loses the license line of the card
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def builtin_gguf(b: Builtin) -> Path:
@@ -223,13 +332,25 @@ def builtin_gguf(b: Builtin) -> Path:
     return Path(spec.submodule_search_locations[0]) / b.filename
 
 
-def hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """Download (or reuse from the HF cache) the safetensors, config and tokenizer files of a Hub model."""
+def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Path:
+    """Download (or reuse from the HF cache) the safetensors, config and tokenizer files of a Hub model.
+
+    With `allow_pickle`, a repository without safetensors weights is fetched again with its `.bin` weights.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        if allow_pickle and not any(local.glob("*.safetensors")):
+            patterns = HUB_PATTERNS + PICKLE_PATTERNS
+            local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        elif not any(local.glob("*.safetensors")):
+            raise KVConvertError(
+                f"{repo_id} has no safetensors weights on the Hub; pass --allow-pickle to read its pytorch_model*.bin "
+                "with torch.load(weights_only=True)"
+            )
+        return local
     except LocalEntryNotFoundError as exc:
         raise KVConvertError(f"cannot reach the Hub for {repo_id} and it is not cached; use a local path") from exc
     except (HfHubHTTPError, ValueError) as exc:

@@ -3,3 +3,15 @@
 
 class KVConvertError(Exception):
     """An input problem the user can fix; the CLI prints it on one line and exits with code 2."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised by the CLI's signal handlers).
+
+    A BaseException, so `except Exception` blocks never mistake it for a read error, while cleanup blocks
+    (`except BaseException`, `finally`) still remove temporary files before the CLI reports it.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

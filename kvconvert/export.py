@@ -8,7 +8,6 @@ place at the end: the output is either complete or absent.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
+from kvconvert.atomic import swap_into_place
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
@@ -142,11 +142,4 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
 
 def _swap_into_place(tmp: Path, output: Path) -> None:
     """Rename the finished temporary directory to `output`, replacing an old output only at the very end."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.kvconvert-old"
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-    os.replace(tmp, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, output)

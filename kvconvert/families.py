@@ -47,6 +47,7 @@ class Family:
     layers_path: str = "model.layers"
     kv_heads_key: str = "num_key_value_heads"
     embed_name: str = "model.embed_tokens.weight"
+    lm_head_name: str = "lm_head.weight"
     partial_rotary: bool = False  # True where the family honours config.partial_rotary_factor
 
     def tensor_name(self, layer: int, proj: str, kind: str = "weight") -> str:

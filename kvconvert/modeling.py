@@ -32,16 +32,18 @@ def load_model(ckpt: Checkpoint | str, device: torch.device, dtype: torch.dtype)
     """Stock `AutoModelForCausalLM` in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    path = ckpt.path if isinstance(ckpt, Checkpoint) else ckpt
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device))
+    path, remote = (ckpt.path, ckpt.trust_remote_code) if isinstance(ckpt, Checkpoint) else (ckpt, False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), trust_remote_code=remote)
     return model.eval()
 
 
 def load_tokenizer(ckpt: Checkpoint | str):
     from transformers import AutoTokenizer
 
-    path = ckpt.path if isinstance(ckpt, Checkpoint) else ckpt
+    path, remote = (ckpt.path, ckpt.trust_remote_code) if isinstance(ckpt, Checkpoint) else (ckpt, False)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     except (OSError, ValueError) as exc:
-        raise KVConvertError(f"no usable tokenizer in {path}: {str(exc).splitlines()[0]}") from exc
+        raise KVConvertError(
+            f"no usable tokenizer in {path} ({str(exc).splitlines()[0]}); copy the base model's tokenizer files there"
+        ) from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ import torch
 
 from kvconvert import __version__
 from kvconvert.calibrate import calibrate, calibration_windows
-from kvconvert.card import model_card
+from kvconvert.card import CARD, RECORD, dump_record, model_card
 from kvconvert.checkpoint import Checkpoint, resolve
 from kvconvert.converted import Converted
 from kvconvert.decompose import decompose
@@ -23,6 +22,7 @@ from kvconvert.heal import HealRequest, HealResult, run_heal
 from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.plan import CompressionPlan
+from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
 from kvconvert.refine import RefineOptions, refine
 from kvconvert.stats import CalibrationStats
@@ -68,6 +68,11 @@ class CompressRequest:
     verify: bool = True
     overwrite: bool = False
     max_shard_size: str = "5GB"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    allow_missing_tokenizer: bool = False
+    revision: str | None = None
+    """Hub revision of `model`."""
     heal: HealRequest | None = None
     """Heal the written output in place right after the merge (student = output, teacher = model)."""
 
@@ -187,10 +192,13 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     progress = progress or Silent()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ckpt = resolve(req.model)
+    ckpt = resolve(
+        req.model, revision=req.revision, allow_pickle=req.allow_pickle, trust_remote_code=req.trust_remote_code
+    )
     geom = ckpt.family.geometry(ckpt.config)
     n_new = parse_heads(req.heads, geom)
     prepare_output(req.output, ckpt.path, req.overwrite)
+    check_source(ckpt, require_tokenizer=not req.allow_missing_tokenizer)
     timings["load"] = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix=".kvconvert-stats-", dir=_existing_parent(req.output)) as tmp:
@@ -244,7 +252,7 @@ def _compress_with_stats(
         timings["refine"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    extra = {"kvconvert.json": json.dumps(record, indent=2) + "\n", "README.md": model_card(record)}
+    extra = {RECORD: dump_record(record), CARD: model_card(record)}
     write_checkpoint(
         conv,
         req.output,
@@ -258,7 +266,7 @@ def _compress_with_stats(
     result = None
     if req.verify:
         t0 = time.perf_counter()
-        result = verify(req.output, converted_in_memory(conv))
+        result = verify(req.output, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
         timings["verify"] = time.perf_counter() - t0
         if not result.ok:
             raise KVConvertError(
@@ -274,14 +282,30 @@ def _compress_with_stats(
 
 
 def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: CalibrationStats) -> dict:
-    """What kvconvert.json records: source, calibration, and the plan (groups, retained energy per layer)."""
+    """What kvconvert.json records: source, license, KV-cache sizes, calibration, and the plan (groups, retained
+    energy per layer). No timestamps or machine details: the same inputs give the same bytes."""
+    geom = ckpt.family.geometry(ckpt.config)
+    n_new = plan.num_kv_heads_after
     return {
         "kvconvert_version": __version__,
         "name": Path(ckpt.spec).name or ckpt.spec,
         "source": ckpt.spec,
         "base_model": ckpt.base_model,
-        "license": ckpt.raw_config.get("license"),
+        "license": ckpt.license.get("license"),
+        **{k: v for k, v in ckpt.license.items() if k != "license"},
+        "kv_cache": {
+            "dtype_bytes": KV_DTYPE_BYTES,
+            "bytes_per_token": {
+                "before": geom.kv_bytes_per_token(KV_DTYPE_BYTES),
+                "after": geom.with_kv_heads(n_new).kv_bytes_per_token(KV_DTYPE_BYTES),
+            },
+            "context_length": getattr(ckpt.config, "max_position_embeddings", None),
+        },
         "fingerprint": stats.fingerprint,
         "calibration": {**stats.source, "tokens": stats.n_tokens},
         **plan.summary(),
     }
+
+
+KV_DTYPE_BYTES = 2
+"""The card's KV-cache sizes are for 16-bit (bf16/fp16) caches, what runtimes serve these models in."""

@@ -59,8 +59,10 @@ class RichProgress(AbstractContextManager):
         self._bars.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._bars.__exit__(*exc)
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:  # an error line follows: do not leave half-drawn bars above it
+            self._bars.live.transient = True
+        self._bars.__exit__(exc_type, *rest)
 
     def task(self, description: str, total: int | None) -> Advance:
         tid = self._bars.add_task(description, total=total, info="")

@@ -100,8 +100,17 @@ class _FilePacked(Sequence):
         return self._n
 
     def __getitem__(self, layer: int) -> torch.Tensor:
-        with safe_open(str(self._path), framework="pt") as f:
-            return f.get_tensor(f"layers.{layer}.sum_xx")
+        try:
+            with safe_open(str(self._path), framework="pt") as f:
+                packed = f.get_tensor(f"layers.{layer}.sum_xx")
+        except Exception as exc:
+            raise KVConvertError(f"cannot read layer {layer} of {self._path}: {exc}; recalibrate") from exc
+        if not torch.isfinite(packed).all():
+            raise KVConvertError(
+                f"{self._path} has NaN/Inf in layer {layer} (fp16 overflow?); recalibrate with --dtype bfloat16 or "
+                "float32"
+            )
+        return packed
 
 
 @dataclass

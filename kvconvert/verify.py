@@ -44,11 +44,13 @@ def converted_in_memory(conv: Converted, dtype: torch.dtype = torch.float32):
 
 
 @torch.no_grad()
-def verify(output: Path, reference, tokens: int = 16, seed: int = 0) -> VerifyResult:
+def verify(output: Path, reference, tokens: int = 16, seed: int = 0, trust_remote_code: bool = False) -> VerifyResult:
     """Logits of the stock-reloaded `output` against `reference` (the in-memory converted model)."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        output, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).eval()
     vocab = reference.config.vocab_size
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
     want = reference.float()(ids).logits

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
 
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import Interrupted, KVConvertError
+
+INTERRUPTED = (
+    "interrupted; outputs are renamed into place only when complete, so none is partial: run the command again"
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -17,7 +22,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kvconvert.cli import calibrate, compress, evaluate, heal  # noqa: F401  (commands register on import)
+    from kvconvert.cli import calibrate, compress, evaluate, heal, push, run  # noqa: F401  (commands register on import)
 
 
 def _quiet_libraries() -> None:
@@ -33,11 +38,24 @@ def _quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def fail(message: str) -> None:
+    """The CLI's error exit: one line on stderr, exit code 2."""
+    print(f"kvconvert: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     _register()
     _quiet_libraries()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)
     try:
         app()
     except KVConvertError as exc:
-        print(f"kvconvert: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exc))
+    except Interrupted:
+        fail(INTERRUPTED)

@@ -9,6 +9,7 @@ from kvconvert.checkpoint import resolve
 from kvconvert.cli import app, options
 from kvconvert.distributed import current_part
 from kvconvert.pipeline import CalibrationRequest, run_calibration
+from kvconvert.preflight import check_source
 from kvconvert.progress import RichProgress
 
 
@@ -25,6 +26,8 @@ def calibrate(
     text_field: str = options.TextField,
     offload_dir: str = options.OffloadDir,
     output: Path = options.Output,
+    allow_pickle: bool = options.AllowPickle,
+    trust_remote_code: bool = options.TrustRemoteCode,
 ) -> None:
     """Run calibration text through MODEL and save the attention-input statistics (one file, every ratio).
 
@@ -36,7 +39,9 @@ def calibrate(
     )
     part = current_part()
     with RichProgress(enabled=part.is_main) as progress:
-        stats = run_calibration(resolve(model), req, output, progress, part)
+        ckpt = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        check_source(ckpt, require_tokenizer=False)
+        stats = run_calibration(ckpt, req, output, progress, part)
     if part.is_main:
         secs = time.perf_counter() - t0
         print(

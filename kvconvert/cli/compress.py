@@ -49,6 +49,11 @@ def compress(
     heal_tokens: int = typer.Option(
         None, "--heal-tokens", min=1, help="Then heal the output with N tokens (`kvconvert heal` defaults)."
     ),
+    allow_pickle: bool = options.AllowPickle,
+    trust_remote_code: bool = options.TrustRemoteCode,
+    allow_missing_tokenizer: bool = typer.Option(
+        False, "--allow-missing-tokenizer", help="Write the output even if MODEL has no tokenizer files."
+    ),
 ) -> None:
     """Merge MODEL's KV heads down to --heads and write a stock checkpoint to --output."""
     if method not in METHODS:
@@ -71,6 +76,9 @@ def compress(
         verify=verify,
         overwrite=overwrite,
         max_shard_size=max_shard_size,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        allow_missing_tokenizer=allow_missing_tokenizer,
     )
     if heal_tokens:
         req.heal = HealRequest(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvconvert.card import record_evaluation
 from kvconvert.cli import app, options
 from kvconvert.evaluation import evaluate
 from kvconvert.progress import RichProgress
@@ -41,17 +43,23 @@ def eval_command(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runtime repeats (median, after one warm-up)."),
     runtime_batch: int = typer.Option(1, "--runtime-batch", min=1, help="Sequences per runtime measurement."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    card: bool = typer.Option(
+        True, "--card/--no-card", help="Record the perplexities in MODEL's kvconvert.json and model card."
+    ),
 ) -> None:
     """Perplexity, KV-cache bytes and (with --contexts) decode speed and peak memory of MODEL vs --baseline."""
     kwargs = dict(baseline=baseline, dataset=dataset, samples=samples, seq_len=seq_len, batch_size=batch_size)
     kwargs |= dict(seed=seed, device=device, dtype=dtype, contexts=_contexts(contexts))
     kwargs |= dict(new_tokens=new_tokens, repeats=repeats, runtime_batch=runtime_batch)
     if as_json:
-        print(json.dumps(evaluate(model, **kwargs), indent=2))
-        return
-    with RichProgress() as progress:
-        result = evaluate(model, progress=progress, **kwargs)
-    render(result)
+        result = evaluate(model, **kwargs)
+        print(json.dumps(result, indent=2))
+    else:
+        with RichProgress() as progress:
+            result = evaluate(model, progress=progress, **kwargs)
+        render(result)
+    if card and (path := record_evaluation(model, result, baseline)):
+        print(f"recorded in {path}", file=sys.stderr)
 
 
 def _mib(n: float) -> str:

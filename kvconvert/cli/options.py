@@ -21,6 +21,12 @@ OffloadDir = typer.Option(
     None, "--offload-dir", help="Keep the calibration hidden states in a file here instead of in memory."
 )
 Output = typer.Option(..., "--output", "-o", help="Where to write the result.")
+AllowPickle = typer.Option(
+    False, "--allow-pickle", help="Read pytorch_model*.bin weights (with torch.load(weights_only=True))."
+)
+TrustRemoteCode = typer.Option(
+    False, "--trust-remote-code", help="Let transformers run the checkpoint's own Python code (auto_map)."
+)
 
 
 def path_or_none(value: str | None) -> Path | None:

@@ -1,0 +1,150 @@
+"""Run a recipe: check everything cheap first (push access, model, heads, output), then calibrate -> compress ->
+eval -> push, recording each step in the output's kvconvert.json and model card."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvconvert import hub
+from kvconvert.card import evaluation_section, update_record
+from kvconvert.checkpoint import Checkpoint, resolve
+from kvconvert.errors import KVConvertError
+from kvconvert.export import prepare_output
+from kvconvert.modeling import resolve_device, resolve_dtype
+from kvconvert.pipeline import CalibrationRequest, CompressRequest, CompressResult, RefineRequest, run_compress
+from kvconvert.preflight import check_source
+from kvconvert.progress import Progress, Silent
+from kvconvert.recipe import Recipe
+from kvconvert.stats import CalibrationStats
+from kvconvert.targets import parse_heads
+
+REUSED_KEYS = ("dataset", "samples", "seq_len", "seed", "text_field", "dtype")
+
+
+@dataclass
+class RecipeResult:
+    output: Path
+    compress: CompressResult
+    evaluation: dict | None = None
+    push: hub.PushResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def calibration_request(recipe: Recipe) -> CalibrationRequest:
+    c = recipe.calibrate
+    return CalibrationRequest(
+        c.dataset, c.samples, c.seq_len, c.batch_size, c.seed, c.text_field, c.device, c.dtype, c.offload_dir
+    )
+
+
+def preflight(recipe: Recipe) -> Checkpoint:
+    """Everything that can fail in seconds: push target and access, model, head count, output, source files."""
+    if recipe.push:
+        p = recipe.push
+        hub.check_target(p.repo_id, p.revision, p.create_pr)
+        hub.check_access(p.repo_id)
+    ckpt = resolve(
+        recipe.model,
+        revision=recipe.revision,
+        allow_pickle=recipe.allow_pickle,
+        trust_remote_code=recipe.trust_remote_code,
+    )
+    parse_heads(recipe.compress.heads, ckpt.family.geometry(ckpt.config))
+    prepare_output(recipe.output, ckpt.path, recipe.overwrite)
+    check_source(ckpt, require_tokenizer=not recipe.compress.allow_missing_tokenizer)
+    return ckpt
+
+
+def check_reusable(ckpt: Checkpoint, path: Path, req: CalibrationRequest) -> None:
+    """Statistics at `path` may stand in for calibrating with `req` only if they are of this model and this text."""
+    stats = CalibrationStats.load(path)
+    stats.check_model(ckpt.fingerprint(), path)
+    want = {
+        "dataset": req.dataset,
+        "samples": req.samples,
+        "seq_len": req.seq_len,
+        "seed": req.seed,
+        "text_field": req.text_field,
+        "dtype": str(resolve_dtype(req.dtype, resolve_device(req.device))).removeprefix("torch."),
+    }
+    for key in REUSED_KEYS:
+        if stats.source.get(key) != want[key]:
+            raise KVConvertError(
+                f"{path} was calibrated with {key}={stats.source.get(key)!r}, the recipe asks {want[key]!r}; "
+                "delete the file or point calibrate.stats elsewhere"
+            )
+
+
+def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult:
+    from kvconvert.evaluation import evaluate
+    from kvconvert.pipeline import run_calibration
+
+    progress = progress or Silent()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ckpt = preflight(recipe)
+    timings["preflight"] = time.perf_counter() - t0
+
+    cal = calibration_request(recipe)
+    stats_path = recipe.calibrate.stats
+    if stats_path is not None:
+        t0 = time.perf_counter()
+        if stats_path.exists():
+            check_reusable(ckpt, stats_path, cal)
+            progress.log(f"reusing calibration statistics {stats_path}")
+        else:
+            run_calibration(ckpt, cal, stats_path, progress)
+        timings["calibrate"] = time.perf_counter() - t0
+
+    c = recipe.compress
+    req = CompressRequest(
+        model=recipe.model,
+        heads=c.heads,
+        output=recipe.output,
+        method=c.method,
+        grouping=c.grouping,
+        stats=stats_path,
+        calibration=cal,
+        refine=RefineRequest(c.refine.steps, c.refine.lr, c.refine.samples, c.refine.inputs),
+        verify=c.verify,
+        overwrite=recipe.overwrite,
+        max_shard_size=c.max_shard_size,
+        allow_pickle=recipe.allow_pickle,
+        trust_remote_code=recipe.trust_remote_code,
+        allow_missing_tokenizer=c.allow_missing_tokenizer,
+        revision=recipe.revision,
+    )
+    compressed = run_compress(req, progress)
+    for stage, secs in compressed.timings.items():
+        timings[stage] = timings.get(stage, 0.0) + secs
+    update_record(recipe.output, recipe=recipe.model_dump(mode="json", exclude_none=True))
+    result = RecipeResult(recipe.output, compressed, timings=timings)
+
+    if recipe.eval:
+        e = recipe.eval
+        t0 = time.perf_counter()
+        report = evaluate(
+            str(recipe.output),
+            baseline=str(ckpt.path),
+            dataset=e.dataset,
+            samples=e.samples,
+            seq_len=e.seq_len,
+            batch_size=e.batch_size,
+            seed=e.seed,
+            device=e.device,
+            dtype=e.dtype,
+            progress=progress,
+        )
+        update_record(recipe.output, evaluation=evaluation_section(report, recipe.model))
+        result.evaluation = report
+        timings["eval"] = time.perf_counter() - t0
+
+    if recipe.push:
+        p = recipe.push
+        t0 = time.perf_counter()
+        req = hub.PushRequest(recipe.output, p.repo_id, p.private, p.revision, p.commit_message, p.create_pr)
+        result.push = hub.push(req)
+        timings["push"] = time.perf_counter() - t0
+    return result
