@@ -1,4 +1,5 @@
-"""Held-out perplexity vs healing tokens for SmolLM2-135M-Instruct 3 -> 1 KV heads, from mean, svd and weighted merges.
+"""Held-out perplexity vs healing tokens for SmolLM2-135M-Instruct 3 -> 1 KV heads, from mean, svd, weighted and
+refined (weighted + `--refine-steps 30`) merges.
 
 Calibrates on pydoc-a (32 x 512 tokens), merges with each method, then heals each start by KL distillation from the
 original on the same training windows (pydoc-a, then text sampled from the original to fill the budget) and scores
@@ -26,11 +27,13 @@ from kvconvert.heal import HealRequest, run_heal
 from kvconvert.heal.checkpointing import save_windows
 from kvconvert.heal.data import build_windows
 from kvconvert.modeling import load_model, load_tokenizer
-from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_calibration, run_compress
+from kvconvert.pipeline import CalibrationRequest, CompressRequest, RefineRequest, run_calibration, run_compress
 from kvconvert.stats import CalibrationStats
 from kvconvert.textdata import iter_texts, token_windows, windows_digest
 
 CACHE = Path(".bench-cache/heal")
+REFINED = RefineRequest(steps=30, lr=0.02, samples=16, inputs="sequential")
+"""The `refined` start: the weighted merge, then 30 layer-local steps per layer (`compress --refine-steps 30`)."""
 CPU = torch.device("cpu")
 
 
@@ -39,13 +42,16 @@ def starts(methods: list[str], cache: Path, pydoc_a: Path) -> dict[str, Path]:
     stats_path = cache / "stats.safetensors"
     if not stats_path.exists():
         cal = CalibrationRequest(str(pydoc_a), 32, 512, 8, device="cpu")
-        run_calibration(resolve("smollm2"), cal).save(stats_path)
+        run_calibration(resolve("smollm2"), cal, stats_path)
     CalibrationStats.load(stats_path)
     out = {}
-    for method in methods:
-        out[method] = cache / f"start-{method}"
-        if not (out[method] / "kvconvert.json").exists():
-            run_compress(CompressRequest("smollm2", "1", out[method], method=method, stats=stats_path, overwrite=True))
+    for name in methods:
+        out[name] = cache / f"start-{name}"
+        if not (out[name] / "kvconvert.json").exists():
+            method, refine = (name, RefineRequest()) if name != "refined" else ("weighted", REFINED)
+            req = CompressRequest("smollm2", "1", out[name], method=method, stats=stats_path, overwrite=True)
+            req.refine = refine
+            run_compress(req)
     return out
 
 
@@ -141,7 +147,7 @@ def write_results(rows: list[dict], original: float, args, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--starts", nargs="+", default=["mean", "svd", "weighted"])
+    parser.add_argument("--starts", nargs="+", default=["mean", "svd", "weighted", "refined"])
     parser.add_argument("--train", nargs="+", default=["attn"], help="attn, all and/or lora")
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--eval-at", type=int, nargs="+", default=[25_000, 50_000, 100_000])

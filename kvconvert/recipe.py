@@ -1,8 +1,7 @@
-"""Recipes: one YAML file drives model -> calibrate -> compress -> eval -> push (`kvconvert run RECIPE.yaml`).
+"""Recipes: one YAML file drives model -> calibrate -> compress -> heal -> eval -> push (`kvconvert run RECIPE.yaml`).
 
 Every section is a pydantic model that forbids unknown keys, so a typo is an error naming the key (and the closest
-valid one). Relative paths are relative to the working directory. A `heal:` section will join the schema when
-`kvconvert heal` ships; until then it is an unknown key like any other.
+valid one). Relative paths are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvconvert.decompose import GROUPINGS
 from kvconvert.errors import KVConvertError
+from kvconvert.heal.trainable import TRAIN_MODES
 from kvconvert.merge.methods import METHODS
 from kvconvert.modeling import DTYPES
 from kvconvert.refine import INPUTS
@@ -92,6 +92,36 @@ class Compress(Section):
         return _one_of(v, GROUPINGS, "grouping")
 
 
+class Heal(Section):
+    """Distil the merged output from the original in place (see `kvconvert heal`)."""
+
+    datasets: list[str] = Field(default_factory=lambda: ["self"], min_length=1)
+    tokens: int | None = Field(100_000, ge=1)
+    steps: int | None = Field(None, ge=1)
+    seq_len: int = Field(512, ge=2)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    train: str = "attn"
+    lora_rank: int = Field(16, ge=1)
+    kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    checkpoint_every: int = Field(50, ge=1)
+
+    @field_validator("train")
+    @classmethod
+    def _train(cls, v: str) -> str:
+        return _one_of(v, TRAIN_MODES, "train")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return _one_of(v, ("auto", *DTYPES), "dtype")
+
+
 class Evaluate(Section):
     """Perplexity of the output and of the original on the same held-out tokens; recorded in the card."""
 
@@ -127,6 +157,7 @@ class Recipe(Section):
     overwrite: bool = False
     calibrate: Calibrate = Field(default_factory=Calibrate)
     compress: Compress
+    heal: Heal | None = None
     eval: Evaluate | None = None
     push: Push | None = None
 
@@ -218,11 +249,15 @@ def describe(recipe: Recipe) -> list[str]:
         + (f", refine {comp.refine.steps} steps" if comp.refine.steps else "")
         + f" -> {recipe.output}",
     ]
+    if recipe.heal:
+        h = recipe.heal
+        budget = f"{h.steps} steps" if h.steps else f"{h.tokens} tokens"
+        lines.append(f"heal: {budget} of {' + '.join(h.datasets)}, train {h.train}, from {recipe.model}")
     if recipe.eval:
         e = recipe.eval
-        lines.append(f"3. eval: {e.dataset}, {e.samples} x {e.seq_len} tokens, against {recipe.model}")
+        lines.append(f"eval: {e.dataset}, {e.samples} x {e.seq_len} tokens, against {recipe.model}")
     if recipe.push:
         p = recipe.push
         mode = "pull request" if p.create_pr else f"branch {p.revision or 'main'}"
-        lines.append(f"4. push: {p.repo_id} ({'private' if p.private else 'public'}, {mode})")
-    return lines
+        lines.append(f"push: {p.repo_id} ({'private' if p.private else 'public'}, {mode})")
+    return lines[:1] + [f"{i}. {line.removeprefix(f'{i}. ')}" for i, line in enumerate(lines[1:], 1)]

@@ -1,5 +1,5 @@
 """Run a recipe: check everything cheap first (push access, model, heads, output), then calibrate -> compress ->
-eval -> push, recording each step in the output's kvconvert.json and model card."""
+heal -> eval -> push, recording each step in the output's kvconvert.json and model card."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from kvconvert.card import evaluation_section, update_record
 from kvconvert.checkpoint import Checkpoint, resolve
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
+from kvconvert.heal import HealRequest
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, CompressResult, RefineRequest, run_compress
 from kvconvert.preflight import check_source
@@ -36,6 +37,18 @@ def calibration_request(recipe: Recipe) -> CalibrationRequest:
     c = recipe.calibrate
     return CalibrationRequest(
         c.dataset, c.samples, c.seq_len, c.batch_size, c.seed, c.text_field, c.device, c.dtype, c.offload_dir
+    )
+
+
+def heal_request(recipe: Recipe) -> HealRequest | None:
+    """The recipe's heal section as a request that heals the written output in place."""
+    h = recipe.heal
+    if h is None:
+        return None
+    fields = h.model_dump(exclude={"steps", "tokens"})
+    budget = {"steps": h.steps, "tokens": None} if h.steps else {"tokens": h.tokens}
+    return HealRequest(
+        student=str(recipe.output), teacher=recipe.model, output=recipe.output, overwrite=True, **fields, **budget
     )
 
 
@@ -116,6 +129,7 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
         allow_missing_tokenizer=c.allow_missing_tokenizer,
         revision=recipe.revision,
     )
+    req.heal = heal_request(recipe)
     compressed = run_compress(req, progress)
     for stage, secs in compressed.timings.items():
         timings[stage] = timings.get(stage, 0.0) + secs

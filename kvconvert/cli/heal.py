@@ -87,7 +87,7 @@ def report(result: HealResult) -> None:
     console = Console()
     console.print(
         f"healed {h['tokens']} tokens in {h['steps']} steps ({h['train']}, {h['processes']} process(es)); "
-        f"final loss {h['final_loss']:.4f}; {h['seconds']:.0f}s"
+        f"final loss {h['final_loss']:.4f}; {result.seconds:.0f}s"
     )
     if result.verify:
         console.print(f"verified: stock reload matches (max |Δlogit| {result.verify.max_abs_diff:.2e})")

@@ -63,6 +63,7 @@ class HealResult:
     output: Path
     record: dict
     verify: VerifyResult | None
+    seconds: float = 0.0
 
 
 def plan_steps(req: HealRequest, processes: int) -> int:
@@ -180,7 +181,7 @@ def run_heal(
 
     model = merged(result.model)
     tensors = student_tensors(model, student_ckpt)
-    record = heal_record(student_ckpt, req, settings, sources, result, time.perf_counter() - t_start)
+    record = heal_record(student_ckpt, req, settings, sources, result)
     write_healed(tensors, student_ckpt, req.output, record, max_shard_size=req.max_shard_size)
     checked = None
     if req.verify:
@@ -194,11 +195,12 @@ def run_heal(
     if not req.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return HealResult(req.output, record, checked)
+    return HealResult(req.output, record, checked, time.perf_counter() - t_start)
 
 
-def heal_record(student: Checkpoint, req: HealRequest, settings: dict, sources, result, seconds: float) -> dict:
-    """The student's kvconvert.json (if any) plus a `heal` entry describing this run."""
+def heal_record(student: Checkpoint, req: HealRequest, settings: dict, sources, result) -> dict:
+    """The student's kvconvert.json (if any) plus a `heal` entry describing this run (no timings: the same inputs
+    give the same bytes)."""
     path = student.path / "kvconvert.json"
     record = json.loads(path.read_text()) if path.exists() else {"kvconvert_version": __version__}
     record["heal"] = {
@@ -221,6 +223,5 @@ def heal_record(student: Checkpoint, req: HealRequest, settings: dict, sources, 
         "windows_sha256": settings["windows_sha256"],
         "final_loss": result.final_loss,
         "resumed_from_step": result.resumed_from or None,
-        "seconds": round(seconds, 1),
     }
     return record
