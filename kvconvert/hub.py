@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvconvert.card import CARD, RECORD, dump_record, load_record, model_card, update_record
-from kvconvert.checkpoint import TensorReader
 from kvconvert.errors import KVConvertError
+from kvconvert.tensors import TensorReader
 
 IGNORE_PATTERNS = [".*", "*/.*"]
 """Hidden files and folders (temporary directories, caches, training state) are never uploaded."""

