@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO := out/smollm2-1kv
 
 .PHONY: setup demo test lint
 setup: $(VENV)/.installed
@@ -16,8 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/kvconvert compress smollm2 --heads 1 --samples 32 --seq-len 512 --batch-size 8 --output $(DEMO) --overwrite
-	$(BIN)/kvconvert eval $(DEMO) --baseline smollm2 --samples 16 --seq-len 512
+	$(BIN)/kvconvert run recipes/smollm2-135m-1kv.yaml --set overwrite=true
 
 lint: setup
 	$(BIN)/ruff check .

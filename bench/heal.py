@@ -103,6 +103,17 @@ def heal_curve(start: Path, train: str, windows: Path, eval_windows: torch.Tenso
     return {"curve": curve, "seconds": time.perf_counter() - t0}
 
 
+def previous_rows(args) -> list[dict]:
+    """Rows of an earlier NAME.json for (start, train) pairs this run does not redo (curve keys back to ints)."""
+    path = args.write / f"{args.name}.json"
+    if not path.exists():
+        return []
+    redo = {(s, t) for s in args.starts for t in args.train}
+    rows = json.loads(path.read_text())["rows"]
+    kept = [r for r in rows if (r["start"], r["train"]) not in redo]
+    return [r | {"curve": {int(k): v for k, v in r["curve"].items()}} for r in kept]
+
+
 def write_results(rows: list[dict], original: float, args, out: Path) -> None:
     import matplotlib
 
@@ -111,27 +122,35 @@ def write_results(rows: list[dict], original: float, args, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     points = sorted({p for r in rows for p in r["curve"]})
-    command = "python -m bench.heal " + shlex.join(sys.argv[1:])
+    commands = sorted({r["command"] for r in rows})
     lines = [
         "# Healing SmolLM2-135M-Instruct 3 → 1 KV heads",
         "",
-        f"Command: `{command}` (CPU, float32, single process; other jobs shared the 2 cores, so seconds are inflated).",
+        "Command"
+        + ("s" if len(commands) > 1 else "")
+        + ": "
+        + ", ".join(f"`{c}`" for c in commands)
+        + " (CPU, float32, single process; `s` is the wall time of each run, see its note).",
         "",
         f"Training windows: {' + '.join(args.data)}; {args.batch_size} x {args.seq_len} tokens per step, "
         f"lr {args.lr} (AdamW, 5% warm-up, cosine to 0 over {args.tokens} tokens), KL(teacher ‖ student), T = 1. "
         "Perplexity on pydoc-b (held out), 16 x 512 tokens; every point of a row is from one run with the "
         f"{args.tokens}-token schedule. Original model: **{original:.2f}**.",
         "",
-        "| start | train | " + " | ".join(f"{p // 1000}k" if p else "merged" for p in points) + " | × original | s |",
-        "|---|---|" + "---|" * len(points) + "---|---|",
+        "| start | train | "
+        + " | ".join(f"{p // 1000}k" if p else "merged" for p in points)
+        + " | × original | s | note |",
+        "|---|---|" + "---|" * len(points) + "---|---|---|",
     ]
     for r in rows:
         cells = " | ".join(f"{r['curve'][p]:.2f}" if p in r["curve"] else "" for p in points)
         last = r["curve"][max(r["curve"])]
-        lines.append(f"| {r['start']} | {r['train']} | {cells} | {last / original:.2f} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['start']} | {r['train']} | {cells} | {last / original:.2f} | {r['seconds']:.0f} | {r['note']} |"
+        )
     lines.append("")
     (out / f"{args.name}.md").write_text("\n".join(lines))
-    record = {"command": command, "original": original, "rows": rows}
+    record = {"original": original, "rows": rows}
     (out / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
@@ -159,7 +178,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--write", type=Path, nargs="?", const=Path("docs/results"), default=None)
     parser.add_argument("--name", default="heal", help="file stem of the written results")
+    parser.add_argument("--note", default="quiet machine", help="recorded with each row (e.g. what else ran)")
+    parser.add_argument(
+        "--append", action="store_true", help="keep the rows already in NAME.json that this run does not redo"
+    )
     args = parser.parse_args()
+    command = "python -m bench.heal " + shlex.join(sys.argv[1:])
 
     torch.manual_seed(0)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -169,11 +193,11 @@ def main() -> None:
     original = perplexity(load_model(resolve("smollm2"), CPU, torch.float32), eval_windows, 4)
     print(f"original: {original:.2f} (pydoc-b {windows_digest(eval_windows)[:12]})", flush=True)
     windows = training_windows(args, args.cache, pydoc_a)
-    rows = []
+    rows = previous_rows(args) if args.append and args.write else []
     for method, path in starts(args.starts, args.cache, pydoc_a).items():
         for train in args.train:
             result = heal_curve(path, train, windows, eval_windows, args, args.cache)
-            rows.append({"start": method, "train": train, **result})
+            rows.append({"start": method, "train": train, **result, "command": command, "note": args.note})
             if args.write:  # after every run, so a stopped benchmark keeps what it measured
                 write_results(rows, original, args, args.write)
     print(f"\n{'start':<10}{'train':<7}" + "".join(f"{p:>10}" for p in sorted(rows[0]["curve"])))

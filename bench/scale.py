@@ -207,6 +207,8 @@ def main() -> None:
         str(args.batch_size),
         "--device",
         "cpu",
+        "--offload-dir",
+        str(work / "offload"),
         "--output",
         str(stats),
     ]

@@ -82,6 +82,17 @@ def test_eval_table_without_baseline(pair, text_b):
     assert "perplexity" in r.stdout and "= computed" in r.stdout
 
 
+def test_self_text_is_sampled_from_the_baseline(pair):
+    """With a baseline, `--dataset self` scores both models on the baseline's samples (the reference text)."""
+    from kvconvert.evaluation import evaluate
+
+    base, conv = pair
+    kw = {"dataset": "self", "samples": 2, "seq_len": 16, "device": "cpu"}
+    both = evaluate(str(conv), baseline=str(base), **kw)
+    assert both["tokens_sha256"] == evaluate(str(base), **kw)["tokens_sha256"]
+    assert both["tokens_sha256"] != evaluate(str(conv), **kw)["tokens_sha256"]
+
+
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
     """A tiny Mistral whose layers keep only a sliding window of 8 tokens (7 cached)."""

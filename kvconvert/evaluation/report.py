@@ -51,7 +51,7 @@ def evaluate(
         "runtime_batch": runtime_batch,
     }
     windows = None
-    for role in sorted(ckpts, reverse=True):  # the baseline first: `self` text is sampled from it
+    for role in [r for r in ("baseline", "model") if r in ckpts]:  # the baseline first: `self` text comes from it
         model = load_model(ckpts[role], dev, dt)
         if windows is None:
             windows = eval_windows(model, tokenizer, dataset, samples, seq_len, seed, batch_size)
