@@ -2,8 +2,8 @@
 
 Converts SmolLM2-135M-Instruct 3 -> 1 KV heads (unless --model is given), then measures both models at each
 context with `kvconvert eval --contexts` (each point in a fresh child process: warm-up, median of repeats; the
-KV cache that `generate()` returns is measured against the computed size) and fits peak memory = a + b x context
-to find the longest context that fits --budget.
+KV cache that `generate()` returns is measured against the computed size) and fits the memory generate() adds
+over the loaded model = a + b x context to find the longest context that fits --budget.
 
     python -m bench.runtime --write docs/results/runtime.md
     python -m bench.runtime --device cuda --batch 8 --contexts 2048,8192,32768 --budget 16 --write ...  # on a GPU
@@ -22,6 +22,11 @@ import torch
 from bench.corpora import pydoc_split
 from kvconvert.evaluation import evaluate
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
+
+
+def added(p: dict) -> int:
+    """Bytes a measured generate() needed on top of the loaded, warmed-up model."""
+    return p["peak_memory_bytes"] - p["model_memory_bytes"]
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -48,7 +53,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1, help="sequences per generate() call")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--budget", default="1.0", help="memory budget in GiB for the longest-context column")
+    ap.add_argument(
+        "--budget",
+        default="1.0",
+        help="GiB that generate() may add over the loaded model, for the longest-context column",
+    )
     ap.add_argument("--workdir", type=Path, default=Path(".bench-cache/runtime"))
     ap.add_argument("--write", type=Path)
     args = ap.parse_args()
@@ -80,13 +89,15 @@ def main() -> None:
         "",
         f"Device: {device_name(args.device)}; dtype {report['dtype']}; batch {args.batch}; {args.new_tokens} new "
         f"tokens per measurement (decode speed timed over the last {args.new_tokens - 1} steps), median of "
-        f"{args.repeats} after a warm-up; peak memory = {kind} of a child process that loads the model and "
-        "generates (`model` is the same figure after a 2-token generate from a 1-token prompt: weights touched, "
-        "no real cache).",
+        f"{args.repeats} after a warm-up; each point in a child process. `model` = memory in use after loading and "
+        "a 2-token warm-up generate (weights touched, no real cache); `peak` = peak memory of the first "
+        f"full-length `generate()` call ({kind}: the peak is reset after loading, so it excludes the loading "
+        "transient); "
+        "`added` = peak − model, what generating at that context costs.",
         "",
         "| model | KV heads | KV bytes/token | context | KV cache MiB | real cache | prefill s | decode tok/s "
-        "| model MiB | peak MiB |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| model MiB | peak MiB | added MiB |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     fits = {}
     for role in ("baseline", "model"):
@@ -99,10 +110,15 @@ def main() -> None:
                 f"| {role} | {r['num_key_value_heads']} | {kv['bytes_per_token']} | {c} | "
                 f"{args.batch * kv['bytes_at_context'][str(c)] / 2**20:.1f} | {real} | {p['prefill_seconds']:.2f} | "
                 f"{p['decode_tokens_per_second']:.1f} | {p['model_memory_bytes'] / 2**20:.0f} | "
-                f"{p['peak_memory_bytes'] / 2**20:.0f} |"
+                f"{p['peak_memory_bytes'] / 2**20:.0f} | {added(p) / 2**20:.0f} |"
             )
-        fits[role] = fit_line([p["context"] for p in r["runtime"]], [p["peak_memory_bytes"] for p in r["runtime"]])
-    lines += ["", f"Longest context within {args.budget} GiB (linear fit of measured peak memory vs context):", ""]
+        fits[role] = fit_line([p["context"] for p in r["runtime"]], [added(p) for p in r["runtime"]])
+    lines += [
+        "",
+        f"Longest context whose `generate()` adds at most {args.budget} GiB over the loaded model (least-squares "
+        "line through the `added` column):",
+        "",
+    ]
     lines += ["| model | fixed MiB | MiB per 1k tokens | longest context |", "|---|---:|---:|---:|"]
     for role, (a, b) in fits.items():
         longest = int((budget - a) / b) if b > 0 else float("inf")

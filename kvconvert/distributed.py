@@ -7,6 +7,8 @@ sums are identical; only the order of the float64 additions differs.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +32,25 @@ class Part:
         return spans[self.rank :: self.world]
 
 
-def current_part() -> Part:
-    """The launcher's process layout (one process when not launched by torchrun/accelerate)."""
+@contextmanager
+def current_part() -> Iterator[Part]:
+    """The launcher's process layout (one process when not launched by torchrun/accelerate).
+
+    On leaving, every process waits for the others and the process group is torn down: a process that exits
+    with gloo's threads still running aborts ("terminate called without an active exception").
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Part()
+        yield Part()
+        return
     from accelerate import PartialState
 
     cuda = torch.cuda.is_available()
     state = PartialState(cpu=not cuda)  # on CPU, gloo
-    return Part(state.process_index, state.num_processes, state.device if cuda else torch.device("cpu"))
+    try:
+        yield Part(state.process_index, state.num_processes, state.device if cuda else torch.device("cpu"))
+        state.wait_for_everyone()
+    finally:
+        state.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor, part: Part) -> torch.Tensor:

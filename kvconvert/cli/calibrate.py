@@ -37,8 +37,7 @@ def calibrate(
     req = CalibrationRequest(
         dataset, samples, seq_len, batch_size, seed, text_field, device, dtype, options.path_or_none(offload_dir)
     )
-    part = current_part()
-    with RichProgress(enabled=part.is_main) as progress:
+    with current_part() as part, RichProgress(enabled=part.is_main) as progress:
         ckpt = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         check_source(ckpt, require_tokenizer=False)
         stats = run_calibration(ckpt, req, output, progress, part)

@@ -1,10 +1,12 @@
 """Decode throughput, peak memory and the real KV cache of stock `generate()` at a context length.
 
-Each measurement runs in a child process (`python -m kvconvert.evaluation.runtime`), so on CPU the peak resident
-memory it reports (`ru_maxrss`) is that of importing torch, loading the model and generating, and nothing else. The
-same figure taken after loading and generating 2 tokens from a 1-token prompt (every weight touched, no real cache)
-is reported as the model's own memory, so what a long `generate()` adds is their difference. On CUDA both are the
-allocator's peak (`torch.cuda.max_memory_allocated`).
+Each measurement runs in a child process (`python -m kvconvert.evaluation.runtime`). The model is loaded and
+warmed up with a 2-token generate from a 1-token prompt (every weight touched, no real cache); the memory in use
+then is the model's own memory. The peak is then reset and read again after the first full-length `generate()`
+(the timing warm-up), so it is the peak of one generate call: not of loading, and not inflated by what the
+allocator keeps and fragments across the repeated timing calls. On CPU it is the process's resident high-water
+mark (Linux `VmHWM`, reset through `/proc/self/clear_refs`; elsewhere `ru_maxrss`, which includes loading), on
+CUDA the allocator's (`torch.cuda.max_memory_allocated`). What a long `generate()` adds is peak − model.
 
 Timing: one warm-up `generate()`, then the median of `repeats` runs. A no-op logits processor stamps the time of
 every step of one ordinary `generate()` call: the first stamp comes right after the prefill, so prefill time is
@@ -15,12 +17,14 @@ The KV cache that call returns is measured tensor by tensor and compared with th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,10 +36,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory so far: CUDA allocator peak, or this process's max resident set size."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (Linux) in bytes, or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _memory_now(device: torch.device) -> int:
+    """Memory in use now: CUDA allocated bytes, or this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    rss = _proc_status_bytes("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak(device: torch.device) -> bool:
+    """Restart peak tracking from the current usage; False where the OS cannot (the peak then includes loading)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        return False
+    return _proc_status_bytes("VmHWM") is not None
+
+
+def _peak(device: torch.device, was_reset: bool) -> tuple[int, str]:
+    """Peak memory since the reset (or since start where no reset was possible) and what it measures."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    if was_reset:
+        return _proc_status_bytes("VmHWM") or 0, "process_peak_rss_after_load"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
 
 
@@ -67,7 +104,9 @@ def probe(model_path: str, context: int, new_tokens: int, repeats: int, device: 
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     one = torch.zeros((1, 1), dtype=torch.long, device=dev)
     model.generate(one, attention_mask=torch.ones_like(one), max_new_tokens=2, do_sample=False, pad_token_id=pad)
-    model_memory, kind = _memory(dev)
+    gc.collect()
+    model_memory = _memory_now(dev)
+    was_reset = _reset_peak(dev)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(dev)
     mask = torch.ones_like(ids)
@@ -91,9 +130,9 @@ def probe(model_path: str, context: int, new_tokens: int, repeats: int, device: 
         size = cache_bytes(out.past_key_values)
         return clock.stamps[0] - t0, clock.stamps[-1] - clock.stamps[0], size
 
-    run()  # warm-up
+    run()  # warm-up, and the memory measurement: later calls reuse (and fragment) what the allocator kept
+    peak, kind = _peak(dev, was_reset)
     runs = [run() for _ in range(repeats)]
-    peak, _ = _memory(dev)
     prefill = statistics.median(r[0] for r in runs)
     decode = max(statistics.median(r[1] for r in runs), 1e-9)
     cache_tokens = context + new_tokens - 1  # the last generated token is never fed back
