@@ -50,7 +50,15 @@ def current_part() -> Iterator[Part]:
         yield Part(state.process_index, state.num_processes, state.device if cuda else torch.device("cpu"))
         state.wait_for_everyone()
     finally:
-        state.destroy_process_group()
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy the default process group if one is up (a no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor, part: Part) -> torch.Tensor:

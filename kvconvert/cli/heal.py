@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from kvconvert.cli import app, options
+from kvconvert.distributed import end_process_group
 from kvconvert.heal import HealRequest, HealResult, run_heal
 from kvconvert.heal.trainable import TRAIN_MODES
 from kvconvert.progress import RichProgress
@@ -76,8 +77,11 @@ def heal(
         keep_state=keep_state,
         max_shard_size=max_shard_size,
     )
-    with RichProgress() as progress:
-        result = run_heal(req, progress)
+    try:
+        with RichProgress() as progress:
+            result = run_heal(req, progress)
+    finally:
+        end_process_group()  # under `accelerate launch`: gloo aborts a process that exits with its group alive
     if result is not None:
         report(result)
 
