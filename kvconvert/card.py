@@ -192,6 +192,12 @@ def _usage(info: dict) -> list[str]:
     return lines
 
 
+def source_label(info: dict) -> str:
+    """`source`, or `base_model` (as `source`) where the source was a kvconvert alias or a file for it."""
+    base, source = info.get("base_model"), info["source"]
+    return f"`{base}` (as `{source}`)" if base and base != source else f"`{source}`"
+
+
 def model_card(info: dict) -> str:
     """Markdown card with Hub front matter, from the conversion record written to kvconvert.json."""
     kv = info["num_key_value_heads"]
@@ -204,7 +210,7 @@ def model_card(info: dict) -> str:
         "",
         f"# {name} with {heads}",
         "",
-        f"`{info['source']}` converted by [kvconvert](https://github.com/kvconvert/kvconvert) from "
+        f"{source_label(info)} converted by [kvconvert](https://github.com/kvconvert/kvconvert) from "
         f"{kv['before']} to {kv['after']} KV heads per layer: the KV cache takes {kv['after']}/{kv['before']} of "
         "its former size. Query heads, shapes of every other tensor, and the code are unchanged.",
         "",

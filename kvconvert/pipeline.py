@@ -288,7 +288,7 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
     n_new = plan.num_kv_heads_after
     return {
         "kvconvert_version": __version__,
-        "name": Path(ckpt.spec).name or ckpt.spec,
+        "name": (ckpt.base_model or "").rsplit("/", 1)[-1] or Path(ckpt.spec).name or ckpt.spec,
         "source": ckpt.spec,
         "base_model": ckpt.base_model,
         "license": ckpt.license.get("license"),

@@ -21,6 +21,10 @@ def test_a_short_heal_of_smollm2_lowers_held_out_perplexity(tmp_path):
     merged = tmp_path / "merged"
     cal = CalibrationRequest(str(pydoc_a), 8, 256, 4, device="cpu")
     run_compress(CompressRequest("smollm2", "1", merged, calibration=cal, verify=False))
+    # the card names the model the alias stands for, not the alias
+    card = (merged / "README.md").read_text()
+    assert "# SmolLM2-135M-Instruct with 1 KV head\n" in card
+    assert "`HuggingFaceTB/SmolLM2-135M-Instruct` (as `smollm2`) converted by" in card
     before = perplexity(load_model(resolve(str(merged)), CPU, torch.float32), held_out, 4)
     req = HealRequest(str(merged), "smollm2", tmp_path / "healed", datasets=[str(pydoc_a)], steps=4, seq_len=256)
     req.batch_size, req.lr, req.device = 2, 3e-4, "cpu"
