@@ -8,53 +8,66 @@ from kvconvert.families import AttentionGeometry
 from kvconvert.merge.moments import AttentionWeights
 from kvconvert.plan import LayerPlan
 
+F64 = torch.float64
+
 
 def fold_layer(w: AttentionWeights, plan: LayerPlan, geom: AttentionGeometry) -> AttentionWeights:
     """New projections: k/v rows from the encoders, q rows and o columns permuted and mapped by the decoders.
 
     Query i reading old head s gets q_i' = D_sᵀ q_i (so q_i'ᵀ k_new = q_iᵀ D_s k_new ≈ q_iᵀ k_s; D_s commutes
     with RoPE), and its o_proj block becomes O_i V_s where V_s is the value decoder of s.
+
+    Each head is computed in float64 and written straight into an output tensor of the input dtype, so memory
+    stays about one layer in that dtype (no float64 copy of the whole layer).
     """
     d, n_rep, hidden = geom.head_dim, geom.n_rep, w.q_weight.shape[1]
-    f64 = torch.float64
-    q = w.q_weight.to(f64).reshape(geom.num_heads, d, hidden)
-    k = w.k_weight.to(f64).reshape(geom.num_kv_heads, d, hidden)
-    v = w.v_weight.to(f64).reshape(geom.num_kv_heads, d, hidden)
-    o = w.o_weight.to(f64).reshape(w.o_weight.shape[0], geom.num_heads, d)
-    qb = None if w.q_bias is None else w.q_bias.to(f64).reshape(geom.num_heads, d)
-    kb = None if w.k_bias is None else w.k_bias.to(f64).reshape(geom.num_kv_heads, d)
-    vb = None if w.v_bias is None else w.v_bias.to(f64).reshape(geom.num_kv_heads, d)
+    n_new = len(plan.heads)
+    q = w.q_weight.reshape(geom.num_heads, d, hidden)
+    k = w.k_weight.reshape(geom.num_kv_heads, d, hidden)
+    v = w.v_weight.reshape(geom.num_kv_heads, d, hidden)
+    o = w.o_weight.reshape(w.o_weight.shape[0], geom.num_heads, d)
+    qb = None if w.q_bias is None else w.q_bias.reshape(geom.num_heads, d)
+    kb = None if w.k_bias is None else w.k_bias.reshape(geom.num_kv_heads, d)
+    vb = None if w.v_bias is None else w.v_bias.reshape(geom.num_kv_heads, d)
 
-    new_q, new_qb, new_k, new_kb, new_v, new_vb, new_o = [], [], [], [], [], [], []
-    for h in plan.heads:
-        src = list(h.kv_heads)
-        m = h.merge
-        new_k.append(m.key_encoder @ k[src].reshape(-1, hidden))
-        new_v.append(m.value_encoder @ v[src].reshape(-1, hidden))
+    new_q, new_o = torch.empty_like(w.q_weight), torch.empty_like(w.o_weight)
+    new_k = w.k_weight.new_empty(n_new * d, hidden)
+    new_v = w.v_weight.new_empty(n_new * d, hidden)
+    new_qb = None if w.q_bias is None else torch.empty_like(w.q_bias)
+    new_kb = None if w.k_bias is None else w.k_bias.new_empty(n_new * d)
+    new_vb = None if w.v_bias is None else w.v_bias.new_empty(n_new * d)
+
+    def heads(t: torch.Tensor, src: list[int]) -> torch.Tensor:
+        return t[src].to(F64).reshape(len(src) * d, *t.shape[2:])
+
+    row = 0  # query heads are written in plan order: each new KV head's readers are contiguous
+    for j, h in enumerate(plan.heads):
+        src, m, new = list(h.kv_heads), h.merge, slice(j * d, (j + 1) * d)
+        new_k[new] = m.key_encoder @ heads(k, src)
+        new_v[new] = m.value_encoder @ heads(v, src)
         if kb is not None:
-            new_kb.append(m.key_encoder @ kb[src].reshape(-1))
+            new_kb[new] = m.key_encoder @ heads(kb, src)
         if vb is not None:
-            new_vb.append(m.value_encoder @ vb[src].reshape(-1))
+            new_vb[new] = m.value_encoder @ heads(vb, src)
         for i in h.query_heads:
             s = src.index(i // n_rep)
             kd = m.key_decoder[s * d : (s + 1) * d]
             vd = m.value_decoder[s * d : (s + 1) * d]
-            new_q.append(kd.T @ q[i])
+            out = slice(row * d, (row + 1) * d)
+            new_q[out] = kd.T @ q[i].to(F64)
             if qb is not None:
-                new_qb.append(kd.T @ qb[i])
-            new_o.append(o[:, i] @ vd)
-
-    def out(parts: list[torch.Tensor], like: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:
-        if like is None:
-            return None
-        return torch.cat(parts, dim=dim).to(like.dtype)
+                new_qb[out] = kd.T @ qb[i].to(F64)
+            new_o[:, out] = o[:, i].to(F64) @ vd
+            row += 1
+    if row != geom.num_heads:
+        raise ValueError(f"layer plan covers {row} of {geom.num_heads} query heads")
 
     return AttentionWeights(
-        q_weight=out(new_q, w.q_weight),
-        k_weight=out(new_k, w.k_weight),
-        v_weight=out(new_v, w.v_weight),
-        o_weight=out(new_o, w.o_weight, dim=1),
-        q_bias=out(new_qb, w.q_bias),
-        k_bias=out(new_kb, w.k_bias),
-        v_bias=out(new_vb, w.v_bias),
+        q_weight=new_q,
+        k_weight=new_k,
+        v_weight=new_v,
+        o_weight=new_o,
+        q_bias=new_qb,
+        k_bias=new_kb,
+        v_bias=new_vb,
     )
