@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import get_args
 
 import torch
 
+from kvconvert.config import Grouping
 from kvconvert.families import AttentionGeometry
 from kvconvert.memory import release_memory
 from kvconvert.merge import grouping as grp
-from kvconvert.merge.losses import GroupLosses
-from kvconvert.merge.methods import METHODS, GroupProblem, MergeLoss
+from kvconvert.merge import registry
+from kvconvert.merge.losses import group_losses
 from kvconvert.merge.moments import AttentionWeights, LayerMoments, layer_moments
 from kvconvert.merge.pca import psd_sqrt
+from kvconvert.merge.problem import GroupProblem, MergeLoss
 from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
 
-GROUPINGS = ("search", "adjacent")
+GROUPINGS = get_args(Grouping)
 
 
 def group_problem(
@@ -74,7 +77,7 @@ def plan_layer(
     coherence: torch.Tensor,
 ) -> LayerPlan:
     """Choose the groups (per `grouping`) and merge each with `method`."""
-    m = METHODS[method]
+    m = registry.get(method)
     n_kv, n_rep = geom.num_kv_heads, geom.n_rep
     sqrt_cache: dict = {}
     losses: dict[tuple[int, ...], MergeLoss] = {}
@@ -104,7 +107,7 @@ def plan_layer(
     if grouping == "adjacent":
         assignment = adjacent
     elif n_kv % n_new == 0:
-        table = GroupLosses(lm, geom, method, coherence)
+        table = group_losses(lm, geom, method, coherence)
         scored = table(grp.adjacent_groups(n_kv, n_kv // n_new))
         key_total = sum(s[1] for s in scored) or 1.0
         value_total = sum(s[3] for s in scored) or 1.0
@@ -138,8 +141,7 @@ def decompose(
     on_layer: Callable[[int], None] | None = None,
 ) -> CompressionPlan:
     """Plan every layer. `moments_of(layer)` gives (E[x xᵀ], E[x]) of the attention input in float64."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    registry.get(method)  # unknown -> ValueError naming the methods
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
     if coherence is None:

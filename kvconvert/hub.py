@@ -14,21 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvconvert.card import CARD, RECORD, dump_record, load_record, model_card, update_record
+from kvconvert.config import PushRequest
 from kvconvert.errors import KVConvertError
 from kvconvert.tensors import TensorReader
 
 IGNORE_PATTERNS = [".*", "*/.*"]
 """Hidden files and folders (temporary directories, caches, training state) are never uploaded."""
-
-
-@dataclass(frozen=True)
-class PushRequest:
-    directory: Path
-    repo_id: str
-    private: bool = False
-    revision: str | None = None
-    commit_message: str | None = None
-    create_pr: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,69 +12,29 @@ import torch
 from kvconvert import __version__
 from kvconvert.calibrate import calibrate, calibration_windows
 from kvconvert.card import CARD, RECORD, dump_record, model_card
-from kvconvert.checkpoint import Checkpoint, resolve
+from kvconvert.checkpoint import Checkpoint
+from kvconvert.config import CalibrateConfig, CompressRequest, RefineConfig
 from kvconvert.converted import Converted
 from kvconvert.decompose import decompose
 from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output, write_checkpoint
-from kvconvert.heal import HealRequest, HealResult, run_heal
+from kvconvert.heal import HealResult, run_heal
 from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.plan import CompressionPlan
 from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
-from kvconvert.refine import RefineOptions, refine
+from kvconvert.refine import refine
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
 from kvconvert.textdata import windows_digest
 from kvconvert.verify import VerifyResult, converted_in_memory, verify
 
-
-@dataclass
-class CalibrationRequest:
-    dataset: str = "self"
-    samples: int = 128
-    seq_len: int = 2048
-    batch_size: int = 1
-    seed: int = 0
-    text_field: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    offload_dir: Path | None = None
-
-
-@dataclass
-class RefineRequest:
-    """Layer-local refinement after the merge (kvconvert.refine); off when steps == 0."""
-
-    steps: int = 0
-    lr: float = 0.02
-    samples: int = 16
-    inputs: str = "sequential"
-    batch_size: int = 4
-
-
-@dataclass
-class CompressRequest:
-    model: str
-    heads: str
-    output: Path
-    method: str = "weighted"
-    grouping: str = "search"
-    stats: Path | None = None
-    calibration: CalibrationRequest = field(default_factory=CalibrationRequest)
-    refine: RefineRequest = field(default_factory=RefineRequest)
-    verify: bool = True
-    overwrite: bool = False
-    max_shard_size: str = "5GB"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    allow_missing_tokenizer: bool = False
-    revision: str | None = None
-    """Hub revision of `model`."""
-    heal: HealRequest | None = None
-    """Heal the written output in place right after the merge (student = output, teacher = model)."""
+CalibrationRequest = CalibrateConfig
+"""Former name of the calibration config."""
+RefineRequest = RefineConfig
+"""Former name of the refinement config."""
 
 
 @dataclass
@@ -86,63 +46,44 @@ class CompressResult:
     heal: HealResult | None = None
 
 
+def _text_args(req: CalibrateConfig) -> dict:
+    """The calibration library's arguments for `req`'s text (device and dtype resolved)."""
+    device = resolve_device(req.device)
+    fields = req.model_dump(include={"dataset", "samples", "seq_len", "batch_size", "seed", "text_field"})
+    return {**fields, "device": device, "dtype": resolve_dtype(req.dtype, device)}
+
+
 def run_calibration(
     ckpt: Checkpoint,
-    req: CalibrationRequest,
+    req: CalibrateConfig,
     output: Path,
     progress: Progress | None = None,
     part: Part | None = None,
     windows: torch.Tensor | None = None,
 ) -> CalibrationStats | None:
     """Calibrate `ckpt` per `req` into the stats file `output` (main process returns the loaded stats)."""
-    device = resolve_device(req.device)
     return calibrate(
-        ckpt,
-        output,
-        req.dataset,
-        req.samples,
-        req.seq_len,
-        req.batch_size,
-        device,
-        resolve_dtype(req.dtype, device),
-        seed=req.seed,
-        text_field=req.text_field,
-        offload_dir=req.offload_dir,
-        part=part,
-        progress=progress,
-        windows=windows,
+        ckpt, output, **_text_args(req), offload_dir=req.offload_dir, part=part, progress=progress, windows=windows
     )
 
 
-def request_windows(ckpt: Checkpoint, req: CalibrationRequest, progress: Progress | None = None) -> torch.Tensor:
+def request_windows(ckpt: Checkpoint, req: CalibrateConfig, progress: Progress | None = None) -> torch.Tensor:
     """The token windows `req` describes (text or samples from the model)."""
-    device = resolve_device(req.device)
-    return calibration_windows(
-        ckpt,
-        req.dataset,
-        req.samples,
-        req.seq_len,
-        req.batch_size,
-        device,
-        resolve_dtype(req.dtype, device),
-        req.seed,
-        req.text_field,
-        progress=progress,
-    )
+    return calibration_windows(ckpt, **_text_args(req), progress=progress)
 
 
 def stats_windows(ckpt: Checkpoint, stats: CalibrationStats, device: str, progress: Progress | None = None):
     """Rebuild the exact windows a stats file was calibrated on (from its recorded source), checked by hash."""
     src = stats.source
-    req = CalibrationRequest(
-        src["dataset"],
-        src["samples"],
-        src["seq_len"],
-        8,
-        src.get("seed", 0),
-        src.get("text_field"),
-        device,
-        src.get("dtype", "float32"),
+    req = CalibrateConfig(
+        dataset=src["dataset"],
+        samples=src["samples"],
+        seq_len=src["seq_len"],
+        batch_size=8,
+        seed=src.get("seed", 0),
+        text_field=src.get("text_field"),
+        device=device,
+        dtype=src.get("dtype", "float32"),
     )
     windows = request_windows(ckpt, req, progress)
     if windows_digest(windows) != src.get("tokens_sha256"):
@@ -192,9 +133,7 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     progress = progress or Silent()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ckpt = resolve(
-        req.model, revision=req.revision, allow_pickle=req.allow_pickle, trust_remote_code=req.trust_remote_code
-    )
+    ckpt = req.resolve()
     geom = ckpt.family.geometry(ckpt.config)
     n_new = parse_heads(req.heads, geom)
     prepare_output(req.output, ckpt.path, req.overwrite)
@@ -242,13 +181,18 @@ def _compress_with_stats(
     if req.refine.steps:
         t0 = time.perf_counter()
         r = req.refine
-        opts = RefineOptions(steps=r.steps, lr=r.lr, batch_size=r.batch_size, inputs=r.inputs)
         dtype = resolve_dtype(req.calibration.dtype, device)
         store = scratch / "refined"
         conv, layers = refine(
-            conv, windows[: r.samples], opts, store, device, dtype, req.calibration.offload_dir, progress
+            conv, windows[: r.samples], r, store, device, dtype, req.calibration.offload_dir, progress
         )
-        record["refine"] = {**asdict(opts), "samples": min(r.samples, len(windows)), "layers": layers}
+        record["refine"] = {
+            **r.model_dump(include={"steps", "lr"}),
+            "batch_size": r.batch_size,
+            "inputs": r.inputs,
+            "samples": min(r.samples, len(windows)),
+            "layers": layers,
+        }
         timings["refine"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

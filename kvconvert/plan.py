@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvconvert.merge.methods import HeadMerge
+from kvconvert.merge.problem import HeadMerge
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ crosses layers; only one layer is in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kvconvert.config import RefineConfig, RefineInputs
 from kvconvert.converted import Converted
 from kvconvert.export import FIELDS
 from kvconvert.memory import release_memory
@@ -23,15 +24,10 @@ from kvconvert.merge.moments import AttentionWeights
 from kvconvert.progress import Progress, Silent
 from kvconvert.streaming import HiddenStore, LayerRunner
 
-INPUTS = ("sequential", "original")
-
-
-@dataclass(frozen=True)
-class RefineOptions:
-    steps: int = 30
-    lr: float = 0.02  # relative: each tensor's Adam step size is lr x RMS of its initial value
-    batch_size: int = 4
-    inputs: str = "sequential"
+INPUTS = get_args(RefineInputs)
+RefineOptions = RefineConfig
+"""Former name: the refine stage takes `kvconvert.config.RefineConfig` (steps, lr relative to each tensor's RMS,
+batch_size, inputs)."""
 
 
 def _attention_state(w: AttentionWeights, names: dict[str, str]) -> dict[str, torch.Tensor]:

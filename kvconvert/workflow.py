@@ -9,12 +9,12 @@ from pathlib import Path
 
 from kvconvert import hub
 from kvconvert.card import evaluation_section, update_record
-from kvconvert.checkpoint import Checkpoint, resolve
+from kvconvert.checkpoint import Checkpoint
+from kvconvert.config import CalibrateConfig, CompressRequest, EvalRequest, HealRequest, PushRequest, SourceConfig
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
-from kvconvert.heal import HealRequest
 from kvconvert.modeling import resolve_device, resolve_dtype
-from kvconvert.pipeline import CalibrationRequest, CompressRequest, CompressResult, RefineRequest, run_compress
+from kvconvert.pipeline import CompressResult, run_compress
 from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
 from kvconvert.recipe import Recipe
@@ -33,11 +33,9 @@ class RecipeResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def calibration_request(recipe: Recipe) -> CalibrationRequest:
-    c = recipe.calibrate
-    return CalibrationRequest(
-        c.dataset, c.samples, c.seq_len, c.batch_size, c.seed, c.text_field, c.device, c.dtype, c.offload_dir
-    )
+def calibration_request(recipe: Recipe) -> CalibrateConfig:
+    """The recipe's calibrate section without its `stats` path."""
+    return CalibrateConfig(**recipe.calibrate.model_dump(exclude={"stats"}))
 
 
 def heal_request(recipe: Recipe) -> HealRequest | None:
@@ -52,25 +50,33 @@ def heal_request(recipe: Recipe) -> HealRequest | None:
     )
 
 
+def compress_request(recipe: Recipe, stats: Path | None) -> CompressRequest:
+    """The recipe's model, output and compress section as one compress run (healing in place if asked)."""
+    source = recipe.model_dump(include=set(SourceConfig.model_fields) | {"output", "overwrite"})
+    return CompressRequest(
+        **source,
+        **recipe.compress.model_dump(exclude={"refine"}),
+        refine=recipe.compress.refine,
+        stats=stats,
+        calibration=calibration_request(recipe),
+        heal=heal_request(recipe),
+    )
+
+
 def preflight(recipe: Recipe) -> Checkpoint:
     """Everything that can fail in seconds: push target and access, model, head count, output, source files."""
     if recipe.push:
         p = recipe.push
         hub.check_target(p.repo_id, p.revision, p.create_pr)
         hub.check_access(p.repo_id)
-    ckpt = resolve(
-        recipe.model,
-        revision=recipe.revision,
-        allow_pickle=recipe.allow_pickle,
-        trust_remote_code=recipe.trust_remote_code,
-    )
+    ckpt = recipe.resolve()
     parse_heads(recipe.compress.heads, ckpt.family.geometry(ckpt.config))
     prepare_output(recipe.output, ckpt.path, recipe.overwrite)
     check_source(ckpt, require_tokenizer=not recipe.compress.allow_missing_tokenizer)
     return ckpt
 
 
-def check_reusable(ckpt: Checkpoint, path: Path, req: CalibrationRequest) -> None:
+def check_reusable(ckpt: Checkpoint, path: Path, req: CalibrateConfig) -> None:
     """Statistics at `path` may stand in for calibrating with `req` only if they are of this model and this text."""
     stats = CalibrationStats.load(path)
     stats.check_model(ckpt.fingerprint(), path)
@@ -90,8 +96,14 @@ def check_reusable(ckpt: Checkpoint, path: Path, req: CalibrationRequest) -> Non
             )
 
 
-def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult:
+def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict:
+    """`kvconvert eval` per `req`: the report of `kvconvert.evaluation.evaluate`."""
     from kvconvert.evaluation import evaluate
+
+    return evaluate(req.model, **req.model_dump(exclude={"model"}), progress=progress)
+
+
+def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult:
     from kvconvert.pipeline import run_calibration
 
     progress = progress or Silent()
@@ -111,54 +123,22 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
             run_calibration(ckpt, cal, stats_path, progress)
         timings["calibrate"] = time.perf_counter() - t0
 
-    c = recipe.compress
-    req = CompressRequest(
-        model=recipe.model,
-        heads=c.heads,
-        output=recipe.output,
-        method=c.method,
-        grouping=c.grouping,
-        stats=stats_path,
-        calibration=cal,
-        refine=RefineRequest(c.refine.steps, c.refine.lr, c.refine.samples, c.refine.inputs),
-        verify=c.verify,
-        overwrite=recipe.overwrite,
-        max_shard_size=c.max_shard_size,
-        allow_pickle=recipe.allow_pickle,
-        trust_remote_code=recipe.trust_remote_code,
-        allow_missing_tokenizer=c.allow_missing_tokenizer,
-        revision=recipe.revision,
-    )
-    req.heal = heal_request(recipe)
-    compressed = run_compress(req, progress)
+    compressed = run_compress(compress_request(recipe, stats_path), progress)
     for stage, secs in compressed.timings.items():
         timings[stage] = timings.get(stage, 0.0) + secs
     update_record(recipe.output, recipe=recipe.model_dump(mode="json", exclude_none=True))
     result = RecipeResult(recipe.output, compressed, timings=timings)
 
     if recipe.eval:
-        e = recipe.eval
         t0 = time.perf_counter()
-        report = evaluate(
-            str(recipe.output),
-            baseline=str(ckpt.path),
-            dataset=e.dataset,
-            samples=e.samples,
-            seq_len=e.seq_len,
-            batch_size=e.batch_size,
-            seed=e.seed,
-            device=e.device,
-            dtype=e.dtype,
-            progress=progress,
-        )
+        req = EvalRequest(model=str(recipe.output), baseline=str(ckpt.path), **recipe.eval.model_dump())
+        report = run_eval(req, progress)
         update_record(recipe.output, evaluation=evaluation_section(report, recipe.model))
         result.evaluation = report
         timings["eval"] = time.perf_counter() - t0
 
     if recipe.push:
-        p = recipe.push
         t0 = time.perf_counter()
-        req = hub.PushRequest(recipe.output, p.repo_id, p.private, p.revision, p.commit_message, p.create_pr)
-        result.push = hub.push(req)
+        result.push = hub.push(PushRequest(directory=recipe.output, **recipe.push.model_dump()))
         timings["push"] = time.perf_counter() - t0
     return result

@@ -1,10 +1,15 @@
-"""Command-line interface: parses arguments and calls the library. Errors print one line and exit 2."""
+"""Command-line interface: parses arguments and calls the library. Errors print one line and exit 2.
+
+Nothing heavy (torch, transformers, datasets) is imported until a command has parsed its arguments, so
+`kvconvert --help` and argument errors are fast.
+"""
 
 from __future__ import annotations
 
 import signal
 import sys
 
+import click
 import typer
 
 from kvconvert.errors import Interrupted, KVConvertError
@@ -25,8 +30,8 @@ def _register() -> None:
     from kvconvert.cli import calibrate, compress, evaluate, heal, push, run  # noqa: F401  (commands register on import)
 
 
-def _quiet_libraries() -> None:
-    """kvconvert draws its own progress bars; silence the libraries' bars and info logs."""
+def quiet_libraries() -> None:
+    """kvconvert draws its own progress bars; silence the libraries' bars and info logs (imports them)."""
     import datasets
     import huggingface_hub
     import transformers
@@ -38,24 +43,37 @@ def _quiet_libraries() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+_quiet_libraries = quiet_libraries
+
+
 def _raise_interrupted(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
 def fail(message: str) -> None:
     """The CLI's error exit: one line on stderr, exit code 2."""
-    print(f"kvconvert: error: {message}", file=sys.stderr)
+    print(f"kvconvert: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
 
 
 def main() -> None:
     _register()
-    _quiet_libraries()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_interrupted)
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help())
+        sys.exit(2)
+    except click.UsageError as exc:
+        hint = f" (see kvconvert {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.parent else ""
+        fail(f"{exc.format_message()}{hint}")
+    except click.ClickException as exc:
+        fail(exc.format_message())
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        fail(INTERRUPTED)
     except KVConvertError as exc:
         fail(str(exc))
     except Interrupted:
         fail(INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)

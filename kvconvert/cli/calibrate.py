@@ -3,46 +3,39 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from kvconvert.checkpoint import resolve
-from kvconvert.cli import app, options
-from kvconvert.distributed import current_part
-from kvconvert.pipeline import CalibrationRequest, run_calibration
-from kvconvert.preflight import check_source
-from kvconvert.progress import RichProgress
+from kvconvert.cli import app
+from kvconvert.cli.options import Group, command, flag
+from kvconvert.cli.summary import emit
+from kvconvert.config import CalibrateRequest
+
+OPTIONS = Group(CalibrateRequest, arguments=("model",))
 
 
-@app.command()
-def calibrate(
-    model: str = options.Model,
-    dataset: str = options.Dataset,
-    samples: int = options.Samples,
-    seq_len: int = options.SeqLen,
-    batch_size: int = options.BatchSize,
-    device: str = options.Device,
-    dtype: str = options.Dtype,
-    seed: int = options.Seed,
-    text_field: str = options.TextField,
-    offload_dir: str = options.OffloadDir,
-    output: Path = options.Output,
-    allow_pickle: bool = options.AllowPickle,
-    trust_remote_code: bool = options.TrustRemoteCode,
-) -> None:
+@command(app, "calibrate", OPTIONS, extra=(flag(False, "--json", help="Print a JSON summary.", panel="Output"),))
+def calibrate(json: bool, **values) -> None:
     """Run calibration text through MODEL and save the attention-input statistics (one file, every ratio).
 
     Launch with `torchrun --nproc_per_node N` (or `accelerate launch`) to split the windows across processes.
     """
+    from kvconvert.distributed import current_part
+    from kvconvert.pipeline import run_calibration
+    from kvconvert.preflight import check_source
+    from kvconvert.progress import RichProgress
+
+    req = OPTIONS.fill(values)
     t0 = time.perf_counter()
-    req = CalibrationRequest(
-        dataset, samples, seq_len, batch_size, seed, text_field, device, dtype, options.path_or_none(offload_dir)
-    )
-    with current_part() as part, RichProgress(enabled=part.is_main) as progress:
-        ckpt = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    with current_part() as part, RichProgress(enabled=part.is_main and not json) as progress:
+        ckpt = req.resolve()
         check_source(ckpt, require_tokenizer=False)
-        stats = run_calibration(ckpt, req, output, progress, part)
+        stats = run_calibration(ckpt, req, req.output, progress, part)
     if part.is_main:
         secs = time.perf_counter() - t0
-        print(
-            f"wrote {output}: {stats.n_tokens} tokens, {stats.num_layers} layers, {part.world} process(es), {secs:.1f}s"
+        summary = {"output": str(req.output), "tokens": stats.n_tokens, "layers": stats.num_layers}
+        emit(
+            "calibrate",
+            {**summary, "processes": part.world, "seconds": secs},
+            json,
+            f"wrote {req.output}: {stats.n_tokens} tokens, {stats.num_layers} layers, {part.world} process(es), "
+            f"{secs:.1f}s",
         )

@@ -2,63 +2,37 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
-import typer
-from rich.console import Console
-from rich.table import Table
+from kvconvert.cli import app
+from kvconvert.cli.options import Group, command, flag
+from kvconvert.cli.summary import emit
+from kvconvert.config import EvalRequest
+from kvconvert.config.base import OUTPUT
 
-from kvconvert.card import record_evaluation
-from kvconvert.cli import app, options
-from kvconvert.evaluation import evaluate
-from kvconvert.progress import RichProgress
-
-
-def _contexts(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter("a comma-separated list of token counts, e.g. 512,2048,8192") from None
-    if any(v < 1 for v in values):
-        raise typer.BadParameter("context lengths must be positive")
-    return values
-
-
-@app.command("eval")
-def eval_command(
-    model: str = options.Model,
-    baseline: str = typer.Option(None, "--baseline", help="Compare with this model on the same tokens."),
-    dataset: str = options.Dataset,
-    samples: int = typer.Option(32, "--samples", min=1, help="Number of token windows."),
-    seq_len: int = typer.Option(512, "--seq-len", min=2, help="Tokens per window."),
-    batch_size: int = options.BatchSize,
-    device: str = options.Device,
-    dtype: str = options.Dtype,
-    seed: int = typer.Option(1, "--seed", help="Seed for `--dataset self` (differs from calibration's 0)."),
-    contexts: str = typer.Option(
-        "", "--contexts", help="Also measure decode tokens/s and peak memory at these context lengths (512,2048)."
+OPTIONS = Group(EvalRequest, arguments=("model",))
+EXTRA = (
+    flag(False, "--json", help="Print one JSON object (the report).", panel=OUTPUT),
+    flag(
+        True, "--card/--no-card", help="Record the perplexities in MODEL's kvconvert.json and model card.", panel=OUTPUT
     ),
-    new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="Tokens generated per runtime measurement."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Runtime repeats (median, after one warm-up)."),
-    runtime_batch: int = typer.Option(1, "--runtime-batch", min=1, help="Sequences per runtime measurement."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    card: bool = typer.Option(
-        True, "--card/--no-card", help="Record the perplexities in MODEL's kvconvert.json and model card."
-    ),
-) -> None:
+)
+
+
+@command(app, "eval", OPTIONS, extra=EXTRA)
+def eval_command(json: bool, card: bool, **values) -> None:
     """Perplexity, KV-cache bytes and (with --contexts) decode speed and peak memory of MODEL vs --baseline."""
-    kwargs = dict(baseline=baseline, dataset=dataset, samples=samples, seq_len=seq_len, batch_size=batch_size)
-    kwargs |= dict(seed=seed, device=device, dtype=dtype, contexts=_contexts(contexts))
-    kwargs |= dict(new_tokens=new_tokens, repeats=repeats, runtime_batch=runtime_batch)
-    if as_json:
-        result = evaluate(model, **kwargs)
-        print(json.dumps(result, indent=2))
-    else:
-        with RichProgress() as progress:
-            result = evaluate(model, progress=progress, **kwargs)
+    from kvconvert.card import record_evaluation
+    from kvconvert.progress import RichProgress
+    from kvconvert.workflow import run_eval
+
+    req = OPTIONS.fill(values)
+    with RichProgress(enabled=not json) as progress:
+        result = run_eval(req, progress)
+    emit("eval", result, json)
+    if not json:
         render(result)
-    if card and (path := record_evaluation(model, result, baseline)):
+    if card and (path := record_evaluation(req.model, result, req.baseline)):
         print(f"recorded in {path}", file=sys.stderr)
 
 
@@ -68,6 +42,9 @@ def _mib(n: float) -> str:
 
 def render(result: dict) -> None:
     """The report as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     roles = [r for r in ("baseline", "model") if r in result]
     table = Table(title=f"{result['dataset']}: {result['samples']} x {result['seq_len']} tokens, {result['dtype']}")

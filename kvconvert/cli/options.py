@@ -1,33 +1,178 @@
-"""Options shared by several commands."""
+"""Command options built from the stage configs (`kvconvert.config`): each option's help, panel, metavar, flag
+and default come from its config field, so no command restates them, and values are checked by the config, so
+a bad value gets the same one-line error as in a recipe."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
 
 import typer
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticUndefined
+from typer.core import TyperCommand
 
-Model = typer.Argument(..., help="Checkpoint directory, Hub id, .gguf file, or `smollm2` (built-in, offline).")
-Dataset = typer.Option(
-    "self", "--dataset", help="wikitext|c4|fineweb-edu|pile-val, a Hub dataset id, a local file, or `self`."
-)
-Samples = typer.Option(128, "--samples", min=1, help="Number of token windows.")
-SeqLen = typer.Option(2048, "--seq-len", min=2, help="Tokens per window.")
-BatchSize = typer.Option(1, "--batch-size", min=1, help="Windows per forward pass.")
-Device = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-Dtype = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
-Seed = typer.Option(0, "--seed", help="Seed for `--dataset self` sampling.")
-TextField = typer.Option(None, "--text-field", help="Text column of the dataset (default: `text`).")
-OffloadDir = typer.Option(
-    None, "--offload-dir", help="Keep the calibration hidden states in a file here instead of in memory."
-)
-Output = typer.Option(..., "--output", "-o", help="Where to write the result.")
-AllowPickle = typer.Option(
-    False, "--allow-pickle", help="Read pytorch_model*.bin weights (with torch.load(weights_only=True))."
-)
-TrustRemoteCode = typer.Option(
-    False, "--trust-remote-code", help="Let transformers run the checkpoint's own Python code (auto_map)."
-)
+from kvconvert.config import ConfigError, describe_error
+
+METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH", bool: ""}
+PANELS = ("Input", "Calibration", "Merge", "Refine", "Training", "Evaluation", "Runtime", "Output", "Safety")
 
 
-def path_or_none(value: str | None) -> Path | None:
-    return Path(value) if value else None
+class Command(TyperCommand):
+    """A typer command whose usage line reads `MODEL`, not `{MODEL}`, and whose flags show no `<bool>`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [p[1:-1] if p[:1] == "{" and p[-1:] == "}" else p for p in super().collect_usage_pieces(ctx)]
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+@dataclass(frozen=True)
+class Group:
+    """The options of one config: `nested` maps a sub-config field to its flag prefix ("" for none);
+    `arguments` are positional, in this order; `skip` fields are not on the command line."""
+
+    config: type[BaseModel]
+    arguments: tuple[str, ...] = ()
+    nested: dict[str, str] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    prefix: str = ""
+
+    def fields(self):
+        for name, info in self.config.model_fields.items():
+            extra = info.json_schema_extra or {}
+            if name in self.skip or not extra.get("cli", True):
+                continue
+            if name in self.nested:
+                yield name, Group(_model_of(info.annotation), prefix=self.nested[name])
+            elif not _model_of(info.annotation):
+                yield name, info
+
+    def parameters(self) -> list[inspect.Parameter]:
+        """The typer parameters of every field (arguments first)."""
+        params = []
+        for name, info in self.fields():
+            if isinstance(info, Group):
+                params += info.parameters()
+            else:
+                params.append(_parameter(self._key(name), self._flag(name, info), info, name in self.arguments))
+        order = {self._key(a): i for i, a in enumerate(self.arguments)}
+        return sorted(params, key=lambda p: order.get(p.name, len(order)))
+
+    def fill(self, values: dict[str, Any], **extra: Any) -> Any:
+        """The config from parsed `values` (plus `extra` fields); errors name the command-line flags."""
+        names: dict[tuple, str] = {}
+        data = {**self._data(values, names, ()), **extra}
+        try:
+            return self.config.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(describe_error(exc, self.config, lambda loc: names.get(loc, ".".join(map(str, loc)))))
+
+    def _data(self, values: dict, names: dict, loc: tuple) -> dict:
+        data = {}
+        for name, info in self.fields():
+            if isinstance(info, Group):
+                data[name] = info._data(values, names, (*loc, name))
+            else:
+                key = self._key(name)
+                names[(*loc, name)] = key.upper() if name in self.arguments else self._flag(name, info)[0]
+                data[name] = values[key]
+        return data
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}_{name}" if self.prefix else name
+
+    def _flag(self, name: str, info) -> list[str]:
+        extra = info.json_schema_extra or {}
+        flag = "--" + (extra.get("flag") or self._key(name)).replace("_", "-")
+        if info.annotation is bool and info.default is True:
+            flag = f"{flag}/--no-{flag.removeprefix('--')}"
+        return [flag, *([extra["short"]] if extra.get("short") else [])]
+
+
+def _model_of(annotation) -> type[BaseModel] | None:
+    for a in (annotation, *get_args(annotation)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _plain(annotation):
+    """The type typer parses (Optional removed, Literal as str, list[int] as one comma-separated str)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return str, "|".join(get_args(annotation))
+    if get_origin(annotation) is list:
+        return (list[str], None) if get_args(annotation)[0] is str else (str, None)
+    return annotation, None
+
+
+def _parameter(key: str, flags: list[str], info, argument: bool) -> inspect.Parameter:
+    extra = info.json_schema_extra or {}
+    kind, choices = _plain(info.annotation)
+    default = ... if info.default is PydanticUndefined else info.default
+    if info.default_factory is not None:
+        default = info.default_factory()
+    if isinstance(default, list) and kind is str:  # a list typed as one comma-separated string
+        default = ",".join(map(str, default))
+    if argument:
+        metavar = extra.get("metavar") or key.upper()
+        param = typer.Argument(default, help=info.description, metavar=metavar)
+    else:
+        metavar = extra.get("metavar") or choices or METAVARS.get(kind, "TEXT")
+        param = typer.Option(default, *flags, help=info.description, metavar=metavar, rich_help_panel=extra["panel"])
+    return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=kind)
+
+
+def command(app: typer.Typer, name: str, *groups: Group, extra: tuple[inspect.Parameter, ...] = ()) -> Callable:
+    """Register `body(**values)` as command `name`, with the options of `groups` plus `extra`. The heavy
+    libraries are quietened (and so imported) only once the command line has parsed."""
+
+    def register(body: Callable) -> Callable:
+        @functools.wraps(body)
+        def run(**values: Any) -> Any:
+            from kvconvert.cli import quiet_libraries
+
+            quiet_libraries()
+            return body(**values)
+
+        params = [p for g in groups for p in g.parameters()] + list(extra)
+        params.sort(key=_order)
+        run.__signature__ = inspect.Signature(params)
+        del run.__wrapped__
+        app.command(name, cls=Command)(run)
+        return body
+
+    return register
+
+
+def _order(param: inspect.Parameter) -> tuple[int, int]:
+    """Arguments first (in their order), then options panel by panel."""
+    if isinstance(param.default, typer.models.ArgumentInfo):
+        return (0, 0)
+    panel = param.default.rich_help_panel
+    return (1, PANELS.index(panel) if panel in PANELS else len(PANELS))
+
+
+def flag(default: Any, *flags: str, help: str, panel: str, kind: type = bool, metavar: str | None = None):
+    """An option that is the command's own (not a config field), e.g. `--json`."""
+    key = flags[0].lstrip("-").split("/")[0].replace("-", "_")
+    metavar = metavar if metavar is not None else METAVARS.get(kind)
+    option = typer.Option(default, *flags, help=help, rich_help_panel=panel, metavar=metavar)
+    return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+
+
+def argument(key: str, kind: type, help: str, metavar: str) -> inspect.Parameter:
+    """A positional argument that is the command's own (not a config field)."""
+    param = typer.Argument(..., help=help, metavar=metavar)
+    return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=kind)

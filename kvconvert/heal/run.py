@@ -8,54 +8,25 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from kvconvert import __version__
 from kvconvert.checkpoint import Checkpoint, resolve
+from kvconvert.config import HealRequest
 from kvconvert.errors import KVConvertError
 from kvconvert.heal import checkpointing
 from kvconvert.heal.data import build_windows
 from kvconvert.heal.loop import StepInfo, TrainConfig, train
 from kvconvert.heal.objective import Objective
-from kvconvert.heal.trainable import TRAIN_MODES, merged, select_trainable
+from kvconvert.heal.trainable import merged, select_trainable
 from kvconvert.heal.write import student_tensors, write_healed
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.progress import Progress, Silent
 from kvconvert.textdata import windows_digest
 from kvconvert.verify import VerifyResult, verify
-
-
-@dataclass
-class HealRequest:
-    student: str
-    teacher: str
-    output: Path
-    datasets: list[str] = field(default_factory=lambda: ["self"])
-    tokens: int | None = 100_000
-    steps: int | None = None
-    seq_len: int = 512
-    batch_size: int = 2
-    lr: float = 3e-4
-    train: str = "attn"
-    lora_rank: int = 16
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    temperature: float = 1.0
-    warmup: float = 0.05
-    seed: int = 0
-    text_field: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    checkpoint_every: int = 50
-    state_dir: Path | None = None
-    resume: bool = False
-    overwrite: bool = False
-    keep_state: bool = False
-    max_shard_size: str = "5GB"
-    verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -76,12 +47,7 @@ def plan_steps(req: HealRequest, processes: int) -> int:
 
 
 def check_request(req: HealRequest, teacher: Checkpoint, student: Checkpoint) -> None:
-    if req.train not in TRAIN_MODES:
-        raise KVConvertError(f"unknown --train {req.train}; choose {', '.join(TRAIN_MODES)}")
-    if req.kl_weight < 0 or req.ce_weight < 0 or req.kl_weight + req.ce_weight == 0:
-        raise KVConvertError("--kl-weight and --ce-weight must be >= 0 and not both 0")
-    if req.temperature <= 0:
-        raise KVConvertError("--temperature must be > 0")
+    """What the config cannot check alone: the output against the teacher and student, and their match."""
     out = req.output.resolve()
     if out == teacher.path or teacher.path in out.parents or out in teacher.path.parents:
         raise KVConvertError(f"output {req.output} overlaps the teacher {teacher.path}; choose a separate directory")
@@ -145,7 +111,7 @@ def run_heal(
 
     student = AutoModelForCausalLM.from_pretrained(student_ckpt.path, dtype=torch.float32)
     student = select_trainable(student, student_ckpt.family, req.train, req.lora_rank)
-    cfg = TrainConfig(steps, req.batch_size, req.lr, req.warmup, 0.0, 1.0, req.seed, req.checkpoint_every)
+    cfg = TrainConfig(steps=steps, **req.model_dump(include={"batch_size", "lr", "warmup", "seed", "checkpoint_every"}))
     settings = json.loads(
         json.dumps(
             {

@@ -1,0 +1,18 @@
+"""What a command prints when it is done: a line for people, or with `--json` one JSON object for programs
+(the benchmarks read these instead of the tables)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SCHEMA_VERSION = 1
+"""Version of the `--json` summaries' layout; raised when a key changes meaning or goes away."""
+
+
+def emit(command: str, data: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    """Print `data` as one JSON object (`--json`), else `text` (when given)."""
+    if as_json:
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "command": command, **data}, indent=2))
+    elif text is not None:
+        print(text)

@@ -1,0 +1,46 @@
+"""Stage configs (pydantic): the one place each option, choice and default is defined. Imports no torch."""
+
+from kvconvert.config.base import ConfigError, StageConfig, describe_error, setting
+from kvconvert.config.stages import (
+    CalibrateConfig,
+    CalibrateRequest,
+    CompressConfig,
+    CompressRequest,
+    Dtype,
+    EvalConfig,
+    EvalRequest,
+    Grouping,
+    HealConfig,
+    HealRequest,
+    Method,
+    PushConfig,
+    PushRequest,
+    RefineConfig,
+    RefineInputs,
+    SourceConfig,
+    TrainMode,
+)
+
+__all__ = [
+    "CalibrateConfig",
+    "CalibrateRequest",
+    "CompressConfig",
+    "CompressRequest",
+    "ConfigError",
+    "Dtype",
+    "EvalConfig",
+    "EvalRequest",
+    "Grouping",
+    "HealConfig",
+    "HealRequest",
+    "Method",
+    "PushConfig",
+    "PushRequest",
+    "RefineConfig",
+    "RefineInputs",
+    "SourceConfig",
+    "StageConfig",
+    "TrainMode",
+    "describe_error",
+    "setting",
+]
