@@ -71,7 +71,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
             "unknown key compress.hedas (did you mean heads?)",
         ),
         (lambda r: r.update(modle="x"), "unknown key modle"),
-        (lambda r: r["compress"].update(method="best"), "compress.method: method 'best' is not one of"),
+        (lambda r: r["compress"].update(method="best"), "compress.method: 'best' is not one of"),
         (lambda r: r.pop("output"), "output is required"),
         (lambda r: r.update(heal={"train": "everything"}), "heal.train"),
     ],

@@ -9,8 +9,12 @@ from __future__ import annotations
 import signal
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from kvconvert.errors import Interrupted, KVConvertError
 
@@ -62,15 +66,15 @@ def main() -> None:
         signal.signal(signum, _raise_interrupted)
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except click_errors.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help())
         sys.exit(2)
-    except click.UsageError as exc:
+    except click_errors.UsageError as exc:
         hint = f" (see kvconvert {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.parent else ""
         fail(f"{exc.format_message()}{hint}")
-    except click.ClickException as exc:
+    except click_errors.ClickException as exc:
         fail(exc.format_message())
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         fail(INTERRUPTED)
     except KVConvertError as exc:
         fail(str(exc))

@@ -13,7 +13,7 @@ OPTIONS = Group(CalibrateRequest, arguments=("model",))
 
 
 @command(app, "calibrate", OPTIONS, extra=(flag(False, "--json", help="Print a JSON summary.", panel="Output"),))
-def calibrate(json: bool, **values) -> None:
+def calibrate(req: CalibrateRequest, json: bool) -> None:
     """Run calibration text through MODEL and save the attention-input statistics (one file, every ratio).
 
     Launch with `torchrun --nproc_per_node N` (or `accelerate launch`) to split the windows across processes.
@@ -23,7 +23,6 @@ def calibrate(json: bool, **values) -> None:
     from kvconvert.preflight import check_source
     from kvconvert.progress import RichProgress
 
-    req = OPTIONS.fill(values)
     t0 = time.perf_counter()
     with current_part() as part, RichProgress(enabled=part.is_main and not json) as progress:
         ckpt = req.resolve()

@@ -23,12 +23,11 @@ EXTRA = (
 
 
 @command(app, "compress", OPTIONS, extra=EXTRA)
-def compress(heal_tokens: int | None, json: bool, **values) -> None:
+def compress(req: CompressRequest, heal_tokens: int | None, json: bool) -> None:
     """Merge MODEL's KV heads down to --heads and write a stock checkpoint to --output."""
     from kvconvert.pipeline import run_compress
     from kvconvert.progress import RichProgress
 
-    req = OPTIONS.fill(values)
     if heal_tokens is not None:
         req.heal = heal_in_place(req, heal_tokens)
     with RichProgress(enabled=not json) as progress:

@@ -20,13 +20,12 @@ EXTRA = (
 
 
 @command(app, "eval", OPTIONS, extra=EXTRA)
-def eval_command(json: bool, card: bool, **values) -> None:
+def eval_command(req: EvalRequest, json: bool, card: bool) -> None:
     """Perplexity, KV-cache bytes and (with --contexts) decode speed and peak memory of MODEL vs --baseline."""
     from kvconvert.card import record_evaluation
     from kvconvert.progress import RichProgress
     from kvconvert.workflow import run_eval
 
-    req = OPTIONS.fill(values)
     with RichProgress(enabled=not json) as progress:
         result = run_eval(req, progress)
     emit("eval", result, json)

@@ -12,13 +12,12 @@ OPTIONS = Group(HealRequest, arguments=("student",))
 
 
 @command(app, "heal", OPTIONS, extra=(flag(False, "--json", help="Print a JSON summary.", panel=OUTPUT),))
-def heal(json: bool, **values) -> None:
+def heal(req: HealRequest, json: bool) -> None:
     """Distil STUDENT from --teacher (KL on next-token distributions) and write a stock checkpoint to --output."""
     from kvconvert.distributed import end_process_group
     from kvconvert.heal import run_heal
     from kvconvert.progress import RichProgress
 
-    req = OPTIONS.fill(values)
     try:
         with RichProgress(enabled=not json) as progress:
             result = run_heal(req, progress)

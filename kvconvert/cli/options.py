@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 from typer.core import TyperCommand
-
-from kvconvert.config import ConfigError, describe_error
 
 METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH", bool: ""}
 PANELS = ("Input", "Calibration", "Merge", "Refine", "Training", "Evaluation", "Runtime", "Output", "Safety")
@@ -72,10 +70,7 @@ class Group:
         """The config from parsed `values` (plus `extra` fields); errors name the command-line flags."""
         names: dict[tuple, str] = {}
         data = {**self._data(values, names, ()), **extra}
-        try:
-            return self.config.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(describe_error(exc, self.config, lambda loc: names.get(loc, ".".join(map(str, loc)))))
+        return self.config.parse(data, "", lambda loc: names.get(loc, ".".join(map(str, loc))))
 
     def _data(self, values: dict, names: dict, loc: tuple) -> dict:
         data = {}
@@ -134,21 +129,29 @@ def _parameter(key: str, flags: list[str], info, argument: bool) -> inspect.Para
     return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=kind)
 
 
-def command(app: typer.Typer, name: str, *groups: Group, extra: tuple[inspect.Parameter, ...] = ()) -> Callable:
-    """Register `body(**values)` as command `name`, with the options of `groups` plus `extra`. The heavy
-    libraries are quietened (and so imported) only once the command line has parsed."""
+def command(app: typer.Typer, name: str, group: Group | None = None, extra: tuple = ()) -> Callable:
+    """Register `body(config, **extra values)` as command `name` with the options of `group` plus `extra`.
+
+    The config is filled and checked first; the heavy libraries are imported (and quietened) only after that,
+    so argument errors are fast.
+    """
 
     def register(body: Callable) -> Callable:
+        own = [p.name for p in extra]
+
         @functools.wraps(body)
         def run(**values: Any) -> Any:
             from kvconvert.cli import quiet_libraries
 
+            rest = {k: values.pop(k) for k in own}
+            config = group.fill(values) if group else None
             quiet_libraries()
-            return body(**values)
+            return body(config, **rest) if group else body(**rest)
 
-        params = [p for g in groups for p in g.parameters()] + list(extra)
+        params = (group.parameters() if group else []) + list(extra)
         params.sort(key=_order)
         run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
         del run.__wrapped__
         app.command(name, cls=Command)(run)
         return body

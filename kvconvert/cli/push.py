@@ -16,11 +16,10 @@ EXTRA = (
 
 
 @command(app, "push", OPTIONS, extra=EXTRA)
-def push_command(dry_run: bool, json: bool, **values) -> None:
+def push_command(req: PushRequest, dry_run: bool, json: bool) -> None:
     """Upload DIRECTORY to the Hub with huggingface_hub; the token comes from HF_TOKEN or `hf auth login`."""
     from kvconvert.hub import push, token_source, upload_plan
 
-    req = OPTIONS.fill(values)
     if dry_run:
         files = upload_plan(req)
         listing = [{"path": f.path, "size": f.size} for f in files]

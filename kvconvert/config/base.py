@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -48,15 +49,24 @@ class StageConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
+            if _PARSING.get():  # a section of a larger config: its parse() reports the whole
+                raise
             raise ConfigError(describe_error(exc, type(self))) from None
 
     @classmethod
     def parse(cls, data: Any, where: str, name: Callable[[tuple], str] | None = None):
         """Validate `data` (a mapping); errors become one `ConfigError` line starting with `where`."""
+        token = _PARSING.set(True)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(f"{where}{describe_error(exc, cls, name)}") from None
+        finally:
+            _PARSING.reset(token)
+
+
+_PARSING: ContextVar[bool] = ContextVar("kvconvert_config_parsing", default=False)
+"""True inside `StageConfig.parse` (pydantic validates nested configs through their `__init__`)."""
 
 
 class ConfigError(KVConvertError):
