@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -147,8 +146,10 @@ def run_child(cmd: list[str], log: Path, memory_limit: int | None = None) -> tup
 
 
 def stage_times(text: str) -> dict[str, float]:
-    """The `time by stage` table that `kvconvert compress` prints."""
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"│ (\w+)\s+│\s+([\d.]+) │", text)}
+    """Seconds by stage from the summary `kvconvert compress --json` prints (the last JSON object in `text`)."""
+    start = text.rindex('{\n  "schema_version"')
+    summary, _ = json.JSONDecoder().raw_decode(text[start:])
+    return summary["timings"]
 
 
 def gib(n: float) -> str:
@@ -226,6 +227,7 @@ def main() -> None:
         args.shard_size,
         "--no-verify",
         "--overwrite",
+        "--json",
         "--output",
         str(out),
     ]

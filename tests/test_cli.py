@@ -98,3 +98,48 @@ def test_valid_counts_and_parsing():
         parse_heads("12", mha)
     with pytest.raises(KVConvertError):
         parse_heads("half", mha)
+
+
+def test_help_groups_options_in_panels_with_metavars():
+    r = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "160"}, terminal_width=160)
+    assert r.exit_code == 0
+    text = r.output
+    for panel in ("Input", "Calibration", "Merge", "Refine", "Output", "Safety"):
+        assert f"─ {panel} ─" in text, panel
+    assert "compress [OPTIONS] MODEL" in text and "{" not in text.split("\n\n")[1]
+    assert "<bool>" not in text and "<str>" not in text.split("─ Options ─")[1]
+    assert "--output" in text and "DIR" in text and "weighted|" in text
+    assert "--stats" in text and "FILE" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compress", "m", "--heads", "1", "-o", "o", "--samples", "abc"], "'--samples'"),
+        (["compress", "m", "--heads", "1", "-o", "o", "--samples", "0"], "--samples: Input should be greater"),
+        (["compress", "m", "--heads", "1", "-o", "o", "--method", "best"], "--method: 'best' is not one of"),
+        (["compress", "m", "--heads", "1"], "Missing option '--output'"),
+        (["compress", "m", "--heads", "1", "-o", "o", "--bogus"], "No such option: --bogus"),
+        (["compres"], "No such command"),
+        (["heal", "s", "--teacher", "t", "-o", "o", "--kl-weight", "0"], "not both 0"),
+        (["eval", "m", "--contexts", "1,x"], "--contexts: a comma-separated list"),
+    ],
+)
+def test_argument_errors_are_one_line_and_exit_2(args, message):
+    """Typer's own usage errors and the configs' checks alike: one line on stderr, nothing on stdout."""
+    r = cli(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvconvert: error: ") and message in lines[0], r.stderr
+
+
+def test_help_and_argument_errors_import_no_heavy_library():
+    code = (
+        "import sys; sys.argv = ['kvconvert', 'compress', 'm', '--heads', '1', '-o', 'o', '--samples', '0'];"
+        "from kvconvert.cli import main\n"
+        "try: main()\n"
+        "except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -6,10 +6,11 @@ import torch
 from kvconvert.decompose import decompose
 from kvconvert.families import AttentionGeometry
 from kvconvert.fold import fold_layer
+from kvconvert.merge import registry
 from kvconvert.merge.moments import AttentionWeights
 from tests.reference import attention
 
-METHODS = ["mean", "svd", "weighted"]
+METHODS = list(registry.names())  # every registered plug-in
 
 
 def rnd(*shape):
@@ -122,7 +123,6 @@ def test_fold_keeps_dtype_and_shapes():
 def test_batched_group_losses_match_per_group_losses(method, rotary_dim):
     """The search's batched scorer agrees with each method's own loss of the same group."""
     from kvconvert.decompose import group_problem
-    from kvconvert.merge.losses import GroupLosses
     from kvconvert.merge.methods import METHODS as REGISTRY
     from kvconvert.merge.moments import layer_moments
     from kvconvert.merge.rope import pair_coherence
@@ -134,7 +134,7 @@ def test_batched_group_losses_match_per_group_losses(method, rotary_dim):
     lm = layer_moments(w, second, mean, geom)
     coherence = pair_coherence(1e4, rotary_dim, 64)
     groups = [(0, 1), (0, 3), (1, 2), (2, 3)]
-    batched = GroupLosses(lm, geom, method, coherence)(groups)
+    batched = REGISTRY[method].batched(lm, geom, coherence)(groups)
     for group, got in zip(groups, batched, strict=True):
         queries = tuple(q for h in group for q in (2 * h, 2 * h + 1))
         want = REGISTRY[method].loss(group_problem(lm, queries, geom, coherence)[1])
