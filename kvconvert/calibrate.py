@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kvconvert.checkpoint import Checkpoint
+from kvconvert.config import CalibrateConfig
 from kvconvert.distributed import Part, all_reduce_sum, gather_rows
 from kvconvert.errors import KVConvertError
 from kvconvert.memory import release_memory
@@ -106,27 +107,23 @@ def accumulate(
 
 def calibration_windows(
     ckpt: Checkpoint,
-    dataset: str,
-    samples: int,
-    seq_len: int,
-    batch_size: int,
+    text: CalibrateConfig,
     device: torch.device,
     dtype: torch.dtype,
-    seed: int = 0,
-    text_field: str | None = None,
     part: Part | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """All token windows (samples, seq_len): from a dataset spec, or sampled from the model for `self` (each
-    process samples its own batches, then they are shared)."""
+    """All token windows (samples, seq_len) of `text`: from a dataset spec, or sampled from the model for `self`
+    (each process samples its own batches, then they are shared). `device`/`dtype`: `text`'s, resolved."""
     part = part or Part()
+    samples, seq_len = text.samples, text.seq_len
     tokenizer = load_tokenizer(ckpt)
-    if dataset != SELF:
-        return token_windows(tokenizer, iter_texts(dataset, text_field), samples, seq_len, dataset)
+    if text.dataset != SELF:
+        return token_windows(tokenizer, iter_texts(text.dataset, text.text_field), samples, seq_len, text.dataset)
     (progress or Silent()).log(f"sampling {samples} x {seq_len} tokens from the model (--dataset self)")
     model = load_model(ckpt, device, dtype)
-    spans = part.batches(samples, batch_size)
-    local = sample_windows(model, tokenizer, samples, seq_len, batch_size, seed, spans)
+    spans = part.batches(samples, text.batch_size)
+    local = sample_windows(model, tokenizer, samples, seq_len, text.batch_size, text.seed, spans)
     del model
     return gather_rows(local, spans, samples, part)
 
@@ -134,38 +131,26 @@ def calibration_windows(
 def calibrate(
     ckpt: Checkpoint,
     output: Path,
-    dataset: str,
-    samples: int,
-    seq_len: int,
-    batch_size: int,
+    text: CalibrateConfig,
     device: torch.device,
     dtype: torch.dtype,
-    seed: int = 0,
-    text_field: str | None = None,
-    offload_dir: Path | None = None,
     part: Part | None = None,
     progress: Progress | None = None,
     windows: torch.Tensor | None = None,
 ) -> CalibrationStats | None:
-    """Write the statistics of `samples` windows of `seq_len` tokens from `dataset` to `output`, layer by layer.
+    """Write the statistics of `text` (samples windows of seq_len tokens from dataset) to `output`, layer by layer.
 
     Under several processes (`part`), each handles its dealt batches, the sums are all-reduced per layer and the
     main process writes the file. Returns the (lazily read) statistics on the main process, None elsewhere.
-    `windows`, when given, are the token windows already built from `dataset` (so callers can reuse them).
+    `windows`, when given, are the token windows already built from `text` (so callers can reuse them).
     """
     part = part or Part()
     device = part.device or device
     if windows is None:
-        windows = calibration_windows(
-            ckpt, dataset, samples, seq_len, batch_size, device, dtype, seed, text_field, part, progress
-        )
-    local = torch.cat([windows[s:e] for s, e in part.batches(samples, batch_size)])
+        windows = calibration_windows(ckpt, text, device, dtype, part, progress)
+    local = torch.cat([windows[s:e] for s, e in part.batches(text.samples, text.batch_size)])
     source = {
-        "dataset": dataset,
-        "samples": samples,
-        "seq_len": seq_len,
-        "seed": seed,
-        "text_field": text_field,
+        **text.model_dump(include={"dataset", "samples", "seq_len", "seed", "text_field"}),
         "dtype": str(dtype).removeprefix("torch."),
         "tokens_sha256": windows_digest(windows),
     }
@@ -185,7 +170,7 @@ def calibrate(
             writer.add(layer, sum_x, packed)
 
     try:
-        accumulate(ckpt, local, batch_size, device, dtype, on_layer, offload_dir, progress)
+        accumulate(ckpt, local, text.batch_size, device, dtype, on_layer, text.offload_dir, progress)
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -46,11 +46,9 @@ class CompressResult:
     heal: HealResult | None = None
 
 
-def _text_args(req: CalibrateConfig) -> dict:
-    """The calibration library's arguments for `req`'s text (device and dtype resolved)."""
+def _device_dtype(req: CalibrateConfig) -> tuple[torch.device, torch.dtype]:
     device = resolve_device(req.device)
-    fields = req.model_dump(include={"dataset", "samples", "seq_len", "batch_size", "seed", "text_field"})
-    return {**fields, "device": device, "dtype": resolve_dtype(req.dtype, device)}
+    return device, resolve_dtype(req.dtype, device)
 
 
 def run_calibration(
@@ -62,14 +60,12 @@ def run_calibration(
     windows: torch.Tensor | None = None,
 ) -> CalibrationStats | None:
     """Calibrate `ckpt` per `req` into the stats file `output` (main process returns the loaded stats)."""
-    return calibrate(
-        ckpt, output, **_text_args(req), offload_dir=req.offload_dir, part=part, progress=progress, windows=windows
-    )
+    return calibrate(ckpt, output, req, *_device_dtype(req), part=part, progress=progress, windows=windows)
 
 
 def request_windows(ckpt: Checkpoint, req: CalibrateConfig, progress: Progress | None = None) -> torch.Tensor:
     """The token windows `req` describes (text or samples from the model)."""
-    return calibration_windows(ckpt, **_text_args(req), progress=progress)
+    return calibration_windows(ckpt, req, *_device_dtype(req), progress=progress)
 
 
 def stats_windows(ckpt: Checkpoint, stats: CalibrationStats, device: str, progress: Progress | None = None):

@@ -47,22 +47,8 @@ def test_calibrate_then_compress_then_eval(tmp_path, tiny_llama, text_a, text_b)
     record = json.loads((out / "kvconvert.json").read_text())
     assert record["num_key_value_heads"] == {"before": 4, "after": 1}
     assert len(record["layers"]) == 2 and record["calibration"]["dataset"] == str(text_a)
-    r = runner.invoke(
-        app,
-        [
-            "eval",
-            str(out),
-            "--baseline",
-            str(tiny_llama),
-            "--dataset",
-            str(text_b),
-            "--samples",
-            "2",
-            "--seq-len",
-            "32",
-            "--json",
-        ],
-    )
+    args = f"eval {out} --baseline {tiny_llama} --dataset {text_b} --samples 2 --seq-len 32 --json".split()
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["model"]["kv_cache"]["bytes_per_token"] * 4 == report["baseline"]["kv_cache"]["bytes_per_token"]
