@@ -41,7 +41,7 @@ def starts(methods: list[str], cache: Path, pydoc_a: Path) -> dict[str, Path]:
     """Merged 1-KV-head checkpoints, one per method, from one calibration on pydoc-a (cached)."""
     stats_path = cache / "stats.safetensors"
     if not stats_path.exists():
-        cal = CalibrationRequest(str(pydoc_a), 32, 512, 8, device="cpu")
+        cal = CalibrationRequest(dataset=str(pydoc_a), samples=32, seq_len=512, batch_size=8, device="cpu")
         run_calibration(resolve("smollm2"), cal, stats_path)
     CalibrationStats.load(stats_path)
     out = {}

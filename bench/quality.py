@@ -55,7 +55,7 @@ def main() -> None:
     print(f"original: {original:.2f}", flush=True)
 
     def calibrate(ckpt, samples: int):
-        req = CalibrationRequest(str(text_a), samples, args.seq_len, 8, device="cpu")
+        req = CalibrationRequest(dataset=str(text_a), samples=samples, seq_len=args.seq_len, batch_size=8, device="cpu")
         t0 = time.perf_counter()
         windows = request_windows(ckpt, req)
         stats = run_calibration(ckpt, req, work / f"{ckpt.path.name}-{samples}.safetensors", windows=windows)

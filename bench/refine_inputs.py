@@ -43,7 +43,7 @@ def main() -> None:
     original = perplexity(load_model(base, CPU, torch.float32), held_out, 4)
 
     t0 = time.perf_counter()
-    req = CalibrationRequest(str(text_a), 32, 512, 8, device="cpu")
+    req = CalibrationRequest(dataset=str(text_a), samples=32, seq_len=512, batch_size=8, device="cpu")
     windows = request_windows(base, req)
     stats = run_calibration(base, req, work / "stats.safetensors", windows=windows)
     plan = plan_compression(base, stats, 1, "weighted", "search", CPU)

@@ -66,7 +66,7 @@ def main() -> None:
     model = args.model
     if model is None:
         model = str(args.workdir / "smollm2-1kv")
-        cal = CalibrationRequest(str(text_a), 32, 512, 8, device=args.device)
+        cal = CalibrationRequest(dataset=str(text_a), samples=32, seq_len=512, batch_size=8, device=args.device)
         run_compress(CompressRequest(args.baseline, "1", Path(model), calibration=cal, overwrite=True))
     report = evaluate(
         model,

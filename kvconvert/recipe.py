@@ -13,7 +13,15 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from kvconvert.config import CalibrateConfig, CompressConfig, EvalConfig, HealConfig, PushConfig, SourceConfig
+from kvconvert.config import (
+    CalibrateConfig,
+    CompressConfig,
+    EvalConfig,
+    HealConfig,
+    PushConfig,
+    RefineConfig,
+    SourceConfig,
+)
 from kvconvert.errors import KVConvertError
 
 
@@ -22,6 +30,10 @@ class Calibrate(CalibrateConfig):
 
     stats: Path | None = None
     """Keep the statistics here; a later run (another head count) reuses them if they match this section."""
+
+
+# Former names of the sections (each is now the stage's own config).
+Refine, Compress, Heal, Evaluate, Push = RefineConfig, CompressConfig, HealConfig, EvalConfig, PushConfig
 
 
 class Recipe(SourceConfig):

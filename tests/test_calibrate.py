@@ -76,7 +76,7 @@ def test_too_short_text_is_a_clear_error(tiny_llama, tmp_path):
 def test_stats_file_round_trip_and_fingerprint(tmp_path, tiny_llama, text_a):
     ckpt = resolve(str(tiny_llama))
     path = tmp_path / "s.safetensors"
-    stats = run_calibration(ckpt, CalibrationRequest(str(text_a), 2, 32, device="cpu"), path)
+    stats = run_calibration(ckpt, CalibrationRequest(dataset=str(text_a), samples=2, seq_len=32, device="cpu"), path)
     stats.save(tmp_path / "copy.safetensors")
     assert (tmp_path / "copy.safetensors").read_bytes() == path.read_bytes()
     loaded = CalibrationStats.load(path)

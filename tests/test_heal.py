@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def student(tiny_llama, text_a, tmp_path_factory):
     """tiny_llama merged from 4 to 1 KV head: the model to heal."""
     out = tmp_path_factory.mktemp("student") / "s"
-    cal = CalibrationRequest(str(text_a), 4, 32, 4, device="cpu")
+    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4, device="cpu")
     run_compress(CompressRequest(str(tiny_llama), "1", out, method="mean", calibration=cal))
     return out
 
@@ -109,7 +109,7 @@ def test_cli_heal_writes_a_stock_checkpoint_with_the_converted_shapes(tiny_qwen2
     from transformers import AutoModelForCausalLM
 
     conv = tmp_path / "conv"
-    cal = CalibrationRequest(str(text_a), 4, 32, 4, device="cpu")
+    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4, device="cpu")
     run_compress(CompressRequest(str(tiny_qwen2), "2", conv, calibration=cal))
     out = tmp_path / "healed"
     args = ["heal", str(conv), "--teacher", str(tiny_qwen2), "--dataset", str(text_a), "--dataset", "self"]
@@ -191,7 +191,14 @@ def test_bf16_mixed_precision_keeps_a_bf16_student_bf16(text_a, tmp_path):
 
     teacher = make_model(tmp_path / "bf16", "mistral", dtype=torch.bfloat16)
     conv = tmp_path / "conv"
-    run_compress(CompressRequest(str(teacher), "2", conv, calibration=CalibrationRequest(str(text_a), 4, 32, 4)))
+    run_compress(
+        CompressRequest(
+            str(teacher),
+            "2",
+            conv,
+            calibration=CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4),
+        )
+    )
     result = run_heal(request(conv, teacher, text_a, tmp_path / "healed", steps=2, dtype="bfloat16"))
     assert result.verify.ok and result.verify.max_abs_diff == 0.0
     got, want = load_file(tmp_path / "healed" / "model.safetensors"), load_file(conv / "model.safetensors")

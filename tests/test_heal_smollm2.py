@@ -19,7 +19,7 @@ def test_a_short_heal_of_smollm2_lowers_held_out_perplexity(tmp_path):
     pydoc_a, pydoc_b = pydoc_split(tmp_path / "text")
     held_out = token_windows(load_tokenizer(resolve("smollm2")), iter_texts(str(pydoc_b)), 4, 256, "pydoc-b")
     merged = tmp_path / "merged"
-    cal = CalibrationRequest(str(pydoc_a), 8, 256, 4, device="cpu")
+    cal = CalibrationRequest(dataset=str(pydoc_a), samples=8, seq_len=256, batch_size=4, device="cpu")
     run_compress(CompressRequest("smollm2", "1", merged, calibration=cal, verify=False))
     # the card names the model the alias stands for, not the alias
     card = (merged / "README.md").read_text()

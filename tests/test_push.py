@@ -19,7 +19,14 @@ TOKEN = "hf_kvconvertTESTtoken0123456789"
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tiny_llama, text_a) -> Path:
     out = tmp_path_factory.mktemp("push") / "tiny-2kv"
-    run_compress(CompressRequest(str(tiny_llama), "2", out, calibration=CalibrationRequest(str(text_a), 4, 32, 4)))
+    run_compress(
+        CompressRequest(
+            str(tiny_llama),
+            "2",
+            out,
+            calibration=CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4),
+        )
+    )
     return out
 
 

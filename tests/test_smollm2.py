@@ -37,7 +37,7 @@ def test_expanded_and_shuffled_model_merges_back_within_half_a_percent(smollm2, 
     mha = expand_to_mha(smollm2, tmp_path / "mha", seed=0)
     assert resolve(str(mha)).config.num_key_value_heads == 9
     out = tmp_path / "back"
-    cal = CalibrationRequest(str(texts[0]), 8, 256, 4, device="cpu")
+    cal = CalibrationRequest(dataset=str(texts[0]), samples=8, seq_len=256, batch_size=4, device="cpu")
     result = run_compress(CompressRequest(str(mha), "3", out, calibration=cal))
     assert result.verify.ok
     merged = perplexity(load_model(resolve(str(out)), CPU, torch.float32), held_out, 4)
@@ -46,7 +46,9 @@ def test_expanded_and_shuffled_model_merges_back_within_half_a_percent(smollm2, 
 
 def test_weighted_beats_svd_beats_mean_at_one_kv_head(smollm2, texts, held_out, tmp_path):
     stats = run_calibration(
-        smollm2, CalibrationRequest(str(texts[0]), 16, 256, 4, device="cpu"), tmp_path / "stats.safetensors"
+        smollm2,
+        CalibrationRequest(dataset=str(texts[0]), samples=16, seq_len=256, batch_size=4, device="cpu"),
+        tmp_path / "stats.safetensors",
     )
     ppl = {}
     for method in ("mean", "svd", "weighted"):

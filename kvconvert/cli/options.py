@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 from typer.core import TyperCommand
 
+from kvconvert.config import CalibrateConfig, CalibrateRequest, SourceConfig
+
 METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH", bool: ""}
 PANELS = ("Input", "Calibration", "Merge", "Refine", "Training", "Evaluation", "Runtime", "Output", "Safety")
 
@@ -179,3 +181,31 @@ def argument(key: str, kind: type, help: str, metavar: str) -> inspect.Parameter
     """A positional argument that is the command's own (not a config field)."""
     param = typer.Argument(..., help=help, metavar=metavar)
     return inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=kind)
+
+
+def _former(config: type[BaseModel], name: str, argument: bool = False):
+    """A typer parameter for one config field, for commands still written against the former shared options."""
+    group = Group(config, arguments=(name,) if argument else ())
+    info = config.model_fields[name]
+    return _parameter(name, group._flag(name, info), info, argument).default
+
+
+# The former shared options, for commands written against them (new commands use a `Group` of their config).
+Model = _former(SourceConfig, "model", argument=True)
+Dataset = _former(CalibrateConfig, "dataset")
+Samples = _former(CalibrateConfig, "samples")
+SeqLen = _former(CalibrateConfig, "seq_len")
+BatchSize = _former(CalibrateConfig, "batch_size")
+Device = _former(CalibrateConfig, "device")
+Dtype = _former(CalibrateConfig, "dtype")
+Seed = _former(CalibrateConfig, "seed")
+TextField = _former(CalibrateConfig, "text_field")
+OffloadDir = _former(CalibrateConfig, "offload_dir")
+Output = _former(CalibrateRequest, "output")
+AllowPickle = _former(SourceConfig, "allow_pickle")
+TrustRemoteCode = _former(SourceConfig, "trust_remote_code")
+
+
+def path_or_none(value: str | None) -> Path | None:
+    """Former helper: a path, or None for an empty value."""
+    return Path(value) if value else None
