@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 from typer.core import TyperCommand
 
-from kvconvert.config import CalibrateConfig, CalibrateRequest, SourceConfig
+from kvconvert.config import CalibrateConfig, CalibrateRequest, ConfigError, SourceConfig
 
 METAVARS = {int: "N", float: "X", str: "TEXT", Path: "PATH", bool: ""}
 PANELS = ("Input", "Calibration", "Merge", "Refine", "Training", "Evaluation", "Runtime", "Output", "Safety")
@@ -143,10 +143,13 @@ def command(app: typer.Typer, name: str, group: Group | None = None, extra: tupl
 
         @functools.wraps(body)
         def run(**values: Any) -> Any:
-            from kvconvert.cli import quiet_libraries
+            from kvconvert.cli import click_errors, quiet_libraries
 
             rest = {k: values.pop(k) for k in own}
-            config = group.fill(values) if group else None
+            try:
+                config = group.fill(values) if group else None
+            except ConfigError as exc:  # a bad option value is a usage error (exit 2), like typer's own
+                raise click_errors.UsageError(str(exc)) from None
             quiet_libraries()
             return body(config, **rest) if group else body(**rest)
 
