@@ -1,4 +1,5 @@
-"""The merge-method registry. A method is one module in `kvconvert/merge/methods/` that defines `METHOD`.
+"""The merge-method registry. A method is one module in `kvconvert/merge/methods/` that defines `METHOD` (modules
+named `_*` are helpers, not methods).
 
 Names are found from the package's files without importing them (so the CLI and configs stay light); a method
 is imported when it is used.
@@ -16,7 +17,8 @@ DEFAULT = "weighted"
 
 def names() -> tuple[str, ...]:
     """Every registered method, the default first."""
-    found = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "methods")]))
+    modules = pkgutil.iter_modules([str(Path(__file__).parent / "methods")])
+    found = sorted(m.name for m in modules if not m.name.startswith("_"))
     return tuple(sorted(found, key=lambda n: n != DEFAULT))
 
 
