@@ -194,19 +194,14 @@ def _former(config: type[BaseModel], name: str, argument: bool = False):
 
 
 # The former shared options, for commands written against them (new commands use a `Group` of their config).
-Model = _former(SourceConfig, "model", argument=True)
-Dataset = _former(CalibrateConfig, "dataset")
-Samples = _former(CalibrateConfig, "samples")
-SeqLen = _former(CalibrateConfig, "seq_len")
-BatchSize = _former(CalibrateConfig, "batch_size")
-Device = _former(CalibrateConfig, "device")
-Dtype = _former(CalibrateConfig, "dtype")
-Seed = _former(CalibrateConfig, "seed")
-TextField = _former(CalibrateConfig, "text_field")
-OffloadDir = _former(CalibrateConfig, "offload_dir")
+Model, AllowPickle, TrustRemoteCode = (
+    _former(SourceConfig, name, argument=name == "model") for name in ("model", "allow_pickle", "trust_remote_code")
+)
+Dataset, Samples, SeqLen, BatchSize, Device, Dtype, Seed, TextField, OffloadDir = (
+    _former(CalibrateConfig, name)
+    for name in ("dataset", "samples", "seq_len", "batch_size", "device", "dtype", "seed", "text_field", "offload_dir")
+)
 Output = _former(CalibrateRequest, "output")
-AllowPickle = _former(SourceConfig, "allow_pickle")
-TrustRemoteCode = _former(SourceConfig, "trust_remote_code")
 
 
 def path_or_none(value: str | None) -> Path | None:
