@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -129,3 +130,17 @@ def test_help_and_argument_errors_import_no_heavy_library():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_json_summaries_carry_a_schema_version(tmp_path, tiny_llama, text_a):
+    stats = tmp_path / "s.safetensors"
+    args = ["calibrate", str(tiny_llama), "--dataset", str(text_a), "--samples", "2", "--seq-len", "16"]
+    r = runner.invoke(app, [*args, "--device", "cpu", "-o", str(stats), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["schema_version"] == 1 and summary["command"] == "calibrate" and summary["tokens"] == 32
+    recipe = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))[0]
+    r = runner.invoke(app, ["run", str(recipe), "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["command"] == "run" and plan["dry_run"] and plan["steps"][0].startswith("model: ")
