@@ -11,8 +11,10 @@ SCHEMA_VERSION = 1
 
 
 def emit(command: str, data: dict[str, Any], as_json: bool, text: str | None = None) -> None:
-    """Print `data` as one JSON object (`--json`), else `text` (when given)."""
+    """Print `data` as one JSON object (`--json`), else `text` (when given). Data that names its own `schema`
+    (the eval report, `kvconvert-eval/1`) is printed as it is."""
     if as_json:
-        print(json.dumps({"schema_version": SCHEMA_VERSION, "command": command, **data}, indent=2))
+        header = {} if "schema" in data else {"schema_version": SCHEMA_VERSION, "command": command}
+        print(json.dumps({**header, **data}, indent=2))
     elif text is not None:
         print(text)
