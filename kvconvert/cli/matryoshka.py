@@ -12,13 +12,15 @@ from kvconvert.matryoshka.run import MatryoshkaRequest, run_matryoshka
 from kvconvert.matryoshka.train import TrainConfig
 from kvconvert.progress import RichProgress
 
+Datasets = typer.Option(..., "--dataset", help="Calibration text (repeatable): local file or alias.")
+
 
 @app.command()
 def matryoshka(
     model: str = options.Model,
     output: Path = options.Output,
     budget: float = typer.Option(0.5, "--budget", help="Kept share of the KV cache (0-1], over all layers and heads."),
-    dataset: list[str] = typer.Option(..., "--dataset", help="Calibration text (repeatable): local file or alias."),
+    dataset: list[str] = Datasets,
     samples: int = typer.Option(64, "--samples", min=1, help="Training/PCA windows."),
     heldout: int = typer.Option(4, "--heldout", min=1, help="Held-out windows that score the rate search."),
     seq_len: int = typer.Option(128, "--seq-len", min=2, help="Tokens per window."),

@@ -32,7 +32,9 @@ class KVMoments:
 
 
 @torch.no_grad()
-def collect_kv_moments(model, windows: torch.Tensor, batch_size: int = 1, progress: Progress | None = None) -> KVMoments:
+def collect_kv_moments(
+    model, windows: torch.Tensor, batch_size: int = 1, progress: Progress | None = None
+) -> KVMoments:
     """One forward pass over `windows` (n, T) collecting post-RoPE key/value second moments per layer and head."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -96,6 +96,6 @@ def load_projections(path: Path) -> tuple[Projections, dict]:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise KVConvertError(f"{path} is not a MatryoshkaKV projection file (format {meta.get('format')})")
-        t = {k: f.get_tensor(k) for k in f.keys()}
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
     proj = Projections(t["key_basis"], t["value_basis"], t["key_rates"].long(), t["value_rates"].long())
     return proj, json.loads(meta.get("info", "{}"))

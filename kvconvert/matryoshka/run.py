@@ -1,7 +1,7 @@
 """`kvconvert matryoshka`: post-RoPE KV moments -> PCA bases -> Matryoshka training -> rate search -> output.
 
-The output directory holds the unchanged model files, `matryoshka.safetensors` (bases and rates), the moments it
-started from (`kv_moments.safetensors`) and a `matryoshka` section in `kvconvert.json`.
+The output directory holds the unchanged model files, `matryoshka.safetensors` (bases and rates) and a `matryoshka`
+section in `kvconvert.json`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kvconvert.checkpoint import resolve
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
 from kvconvert.heal.data import text_windows
-from kvconvert.matryoshka.moments import collect_kv_moments, save_moments
+from kvconvert.matryoshka.moments import collect_kv_moments
 from kvconvert.matryoshka.projections import (
     FILENAME,
     Projections,
@@ -74,7 +74,9 @@ def calibration_windows(tokenizer, datasets: list[str], n: int, seq_len: int) ->
     return torch.cat(parts)
 
 
-def build_projections(model, train_w, heldout_w, req: MatryoshkaRequest, progress: Progress) -> tuple[Projections, dict]:
+def build_projections(
+    model, train_w, heldout_w, req: MatryoshkaRequest, progress: Progress
+) -> tuple[Projections, dict]:
     """PCA init, training and rate search on a loaded model; returns the projections and what was done."""
     t0 = time.perf_counter()
     moments = collect_kv_moments(model, train_w, progress=progress)

@@ -55,8 +55,10 @@ class MatryoshkaLayer(CacheLayerMixin):
             self.group_keys = [k for k, _ in new]
             self.group_values = [v for _, v in new]
         else:
-            self.group_keys = [torch.cat([old, k], dim=-2) for old, (k, _) in zip(self.group_keys, new)]
-            self.group_values = [torch.cat([old, v], dim=-2) for old, (_, v) in zip(self.group_values, new)]
+            self.group_keys = [torch.cat([old, k], dim=-2) for old, (k, _) in zip(self.group_keys, new, strict=True)]
+            self.group_values = [
+                torch.cat([old, v], dim=-2) for old, (_, v) in zip(self.group_values, new, strict=True)
+            ]
         return GroupedStates(self.group_keys, self.group_values), None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

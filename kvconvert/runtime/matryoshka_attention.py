@@ -84,7 +84,7 @@ class HeadProjections(nn.Module):
             return self._groups
         pk, pv = (b.to(dtype) for b in self.bases())
         by_rate: dict[tuple[int, int], list[int]] = {}
-        for h, pair in enumerate(zip(self.key_rates, self.value_rates)):
+        for h, pair in enumerate(zip(self.key_rates, self.value_rates, strict=True)):
             by_rate.setdefault(pair, []).append(h)
         out = []
         for (rk, rv), heads in sorted(by_rate.items()):
@@ -135,7 +135,9 @@ def matryoshka_attention(
 ) -> tuple[torch.Tensor, None]:
     """The registered attention function: returns (B, Tq, H, D) like transformers' SDPA attention."""
     proj: HeadProjections | None = getattr(module, "matryoshka", None)
-    causal = _causal(attention_mask, query.shape[2], getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    causal = _causal(
+        attention_mask, query.shape[2], getattr(module, "is_causal", True) if is_causal is None else is_causal
+    )
     if proj is None or not proj.enabled:
         out = _sdpa(query, key, value, attention_mask, scaling, causal)
     elif isinstance(key, GroupedStates):
@@ -158,7 +160,7 @@ def _grouped(proj, query, states: GroupedStates, attention_mask, scaling, causal
         o = o.view(b, n_kv, rep, tq, g.value_rate)
         return torch.einsum("bhgtr,hdr->bhgtd", o, g.value_basis).reshape(b, h, tq, d)
     out = query.new_empty(b, n_kv, rep, tq, d)
-    for g, keys, values in zip(groups, states.keys, states.values):
+    for g, keys, values in zip(groups, states.keys, states.values, strict=True):
         n_g = len(g.heads)
         qg = torch.einsum("bhgtd,hdr->bhgtr", q.index_select(1, g.heads), g.key_basis).reshape(b, n_g * rep, tq, -1)
         o = _sdpa(qg, keys, values, attention_mask, scaling, causal).view(b, n_g, rep, tq, g.value_rate)
