@@ -122,6 +122,25 @@ class Heal(Section):
         return _one_of(v, ("auto", *DTYPES), "dtype")
 
 
+class Matryoshka(Section):
+    """MatryoshkaKV projections for the output, written into it (see `kvconvert matryoshka`)."""
+
+    budget: float = Field(0.5, gt=0, le=1)
+    datasets: list[str] = Field(min_length=1)
+    samples: int = Field(64, ge=1)
+    heldout: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=2)
+    rate_step: int | None = Field(None, ge=1)
+    steps: int = Field(200, ge=0)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+    ce_weight: float = Field(0.0, ge=0)
+    search: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+
 class Evaluate(Section):
     """Perplexity of the output and of the original on the same held-out tokens; recorded in the card."""
 
@@ -158,6 +177,7 @@ class Recipe(Section):
     calibrate: Calibrate = Field(default_factory=Calibrate)
     compress: Compress
     heal: Heal | None = None
+    matryoshka: Matryoshka | None = None
     eval: Evaluate | None = None
     push: Push | None = None
 

@@ -13,6 +13,8 @@ from kvconvert.checkpoint import Checkpoint, resolve
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
 from kvconvert.heal import HealRequest
+from kvconvert.matryoshka.run import MatryoshkaRequest, run_matryoshka
+from kvconvert.matryoshka.train import TrainConfig
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, CompressResult, RefineRequest, run_compress
 from kvconvert.preflight import check_source
@@ -90,6 +92,25 @@ def check_reusable(ckpt: Checkpoint, path: Path, req: CalibrationRequest) -> Non
             )
 
 
+def matryoshka_request(recipe: Recipe) -> MatryoshkaRequest:
+    """The recipe's `matryoshka:` section as a request that writes into the output itself."""
+    m = recipe.matryoshka
+    cfg = TrainConfig(m.steps, m.batch_size, m.lr, m.kl_weight, m.ce_weight, m.seed)
+    return MatryoshkaRequest(
+        str(recipe.output),
+        recipe.output,
+        m.datasets,
+        m.budget,
+        m.samples,
+        m.heldout,
+        m.seq_len,
+        m.rate_step,
+        cfg,
+        m.search,
+        m.device,
+    )
+
+
 def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult:
     from kvconvert.evaluation import evaluate
     from kvconvert.pipeline import run_calibration
@@ -135,6 +156,11 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
         timings[stage] = timings.get(stage, 0.0) + secs
     update_record(recipe.output, recipe=recipe.model_dump(mode="json", exclude_none=True))
     result = RecipeResult(recipe.output, compressed, timings=timings)
+
+    if recipe.matryoshka:
+        t0 = time.perf_counter()
+        run_matryoshka(matryoshka_request(recipe), progress)
+        timings["matryoshka"] = time.perf_counter() - t0
 
     if recipe.eval:
         e = recipe.eval

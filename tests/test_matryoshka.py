@@ -168,3 +168,23 @@ def test_cli_writes_projections_and_record_and_the_runtime_loads_them(tiny, text
     cache = rt.new_cache(model, 1)
     model.generate(ids_for(model, 1, 4), past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert cache.nbytes() == rt.kv_bytes(cache.get_seq_length(), 1)
+
+
+def test_a_recipe_matryoshka_section_adds_projections_to_the_compressed_output(tiny, text_a, tmp_path):
+    from kvconvert.recipe import parse_recipe
+    from kvconvert.workflow import run_recipe
+
+    recipe = parse_recipe(
+        {
+            "model": str(tiny),
+            "output": str(tmp_path / "out"),
+            "calibrate": {"dataset": str(text_a), "samples": 4, "seq_len": 16, "device": "cpu"},
+            "compress": {"heads": 1},
+            "matryoshka": {"datasets": [str(text_a)], "samples": 4, "heldout": 1, "seq_len": 16, "steps": 1},
+        },
+        "test",
+    )
+    run_recipe(recipe)
+    proj, _ = load_projections(tmp_path / "out")
+    assert proj.shape == (LAYERS, 1, D) and proj.fraction() <= 0.5
+    assert json.loads((tmp_path / "out" / "kvconvert.json").read_text())["matryoshka"]["budget"] == 0.5

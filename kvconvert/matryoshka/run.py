@@ -7,6 +7,7 @@ section in `kvconvert.json`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,9 @@ def run_matryoshka(req: MatryoshkaRequest, progress: Progress | None = None) -> 
     if not 0 < req.budget <= 1:
         raise KVConvertError(f"--budget {req.budget} must be in (0, 1]")
     ckpt = resolve(req.model)
-    prepare_output(req.output, ckpt.path, req.overwrite)
+    in_place = req.output.resolve() == ckpt.path.resolve()  # a recipe adds the projections to its own output
+    if not in_place:
+        prepare_output(req.output, ckpt.path, req.overwrite)
     device = resolve_device(req.device)
     model = load_model(ckpt, device, resolve_dtype(req.dtype, device))
     tokenizer = load_tokenizer(ckpt)
@@ -143,8 +146,24 @@ def run_matryoshka(req: MatryoshkaRequest, progress: Progress | None = None) -> 
         "value_rates": proj.value_rates.tolist(),
         **{k: v for k, v in info.items() if k != "seconds"},
     }
-    write_output(ckpt.path, req.output, proj, section)
+    (write_in_place if in_place else write_output)(ckpt.path, req.output, proj, section)
     return MatryoshkaResult(req.output, section | {"seconds": info["seconds"]}, proj)
+
+
+def write_in_place(source: Path, output: Path, proj: Projections, section: dict) -> None:
+    """Add the projections file (atomically) and the record section to an existing kvconvert output."""
+    from kvconvert.card import RECORD, update_record
+
+    tmp = output / f".{FILENAME}.kvconvert-tmp"
+    try:
+        save_projections(tmp, proj, {"budget": section["budget"], "kept_fraction": section["kept_fraction"]})
+        os.replace(tmp, output / FILENAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if (output / RECORD).is_file():
+        update_record(output, matryoshka=section)
+    else:
+        write_text(output / RECORD, json.dumps({"kvconvert_version": __version__, "matryoshka": section}, indent=2))
 
 
 def write_output(source: Path, output: Path, proj: Projections, section: dict) -> None:
