@@ -188,3 +188,34 @@ def test_a_recipe_matryoshka_section_adds_projections_to_the_compressed_output(t
     proj, _ = load_projections(tmp_path / "out")
     assert proj.shape == (LAYERS, 1, D) and proj.fraction() <= 0.5
     assert json.loads((tmp_path / "out" / "kvconvert.json").read_text())["matryoshka"]["budget"] == 0.5
+
+
+@torch.no_grad()
+def test_a_values_only_cut_folds_exactly_into_a_stock_v_proj(tiny):
+    from kvconvert.matryoshka.fold import fold_value_cut
+
+    proj = random_projections(5).with_rates(full_rates(LAYERS, KV, D), MIXED_V)
+    ids = ids_for(fresh(tiny), seed=4)
+    cut = fresh(tiny)
+    MatryoshkaRuntime(proj).attach(cut)
+    stock = fresh(tiny)
+    ref = stock(ids).logits
+    fold_value_cut(stock, proj)
+    assert torch.allclose(stock(ids).logits, cut(ids, use_cache=False).logits, atol=1e-5)
+    assert (stock(ids).logits - ref).abs().max() > 1e-2
+    with pytest.raises(Exception, match="values-only"):
+        fold_value_cut(stock, random_projections().with_rates(MIXED_K, MIXED_V))
+
+
+def test_cli_fold_values_writes_a_stock_checkpoint(tiny, text_a, tmp_path):
+    out = tmp_path / "folded"
+    args = ["matryoshka", str(tiny), "--output", str(out), "--dataset", str(text_a), "--budget", "0.75"]
+    args += ["--samples", "4", "--heldout", "1", "--seq-len", "16", "--steps", "2", "--rate-step", "4"]
+    result = CliRunner().invoke(app, [*args, "--values-only", "--fold-values"])
+    assert result.exit_code == 0, result.output
+    section = json.loads((out / "kvconvert.json").read_text())["matryoshka"]
+    assert section["folded_into_v_proj"] and torch.tensor(section["key_rates"]).eq(D).all()
+    assert section["kept_fraction"] <= 0.75
+    stock = fresh(out)
+    assert not (out / "matryoshka.safetensors").exists()
+    assert stock(ids_for(stock)).logits.isfinite().all()

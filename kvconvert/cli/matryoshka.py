@@ -31,13 +31,25 @@ def matryoshka(
     kl_weight: float = typer.Option(1.0, "--kl-weight", help="Weight of KL(original ‖ cut)."),
     ce_weight: float = typer.Option(0.0, "--ce-weight", help="Weight of next-token cross-entropy."),
     search: bool = typer.Option(True, "--search/--uniform", help="Search per-head rates, or one uniform rate."),
+    values_only: bool = typer.Option(False, "--values-only", help="Cut values only; keys keep every dim."),
+    fold_values: bool = typer.Option(
+        False, "--fold-values", help="With --values-only: write a stock checkpoint with the cut folded into v_proj."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for data order and sampled rates."),
     device: str = options.Device,
     dtype: str = options.Dtype,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output."),
 ) -> None:
     """Train MatryoshkaKV projections (orthogonal per-head cuts of keys and values) and pick per-head rates."""
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, kl_weight=kl_weight, ce_weight=ce_weight, seed=seed)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        kl_weight=kl_weight,
+        ce_weight=ce_weight,
+        seed=seed,
+        values_only=values_only,
+    )
     req = MatryoshkaRequest(
         model=model,
         output=output,
@@ -49,6 +61,8 @@ def matryoshka(
         step=step,
         train=cfg,
         search=search,
+        values_only=values_only,
+        fold_values=fold_values,
         device=device,
         dtype=dtype,
         overwrite=overwrite,

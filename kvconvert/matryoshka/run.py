@@ -49,6 +49,8 @@ class MatryoshkaRequest:
     step: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     search: bool = True
+    values_only: bool = False
+    fold_values: bool = False
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False
@@ -84,9 +86,14 @@ def build_projections(
     key_m, value_m = moments.mean()
     layers, n_kv, head_dim = key_m.shape[0], key_m.shape[1], key_m.shape[-1]
     step = req.step or max(1, head_dim // 8)
-    rate = uniform_rate(head_dim, req.budget, step)
-    uniform = torch.full((layers, n_kv), rate, dtype=torch.long)
-    proj = Projections(pca_bases(key_m), pca_bases(value_m), uniform, uniform.clone())
+    if req.values_only:  # keys keep every dim: (D + r_v) / 2D = budget
+        rate = uniform_rate(head_dim, 2 * req.budget - 1, step)
+        keys = torch.full((layers, n_kv), head_dim, dtype=torch.long)
+    else:
+        rate = uniform_rate(head_dim, req.budget, step)
+        keys = torch.full((layers, n_kv), rate, dtype=torch.long)
+    values = torch.full((layers, n_kv), rate, dtype=torch.long)
+    proj = Projections(pca_bases(key_m), pca_bases(value_m), keys, values)
     info: dict = {"moments_tokens": moments.tokens, "step": step, "uniform_rate": rate, "seconds": {}}
     info["seconds"]["moments"] = time.perf_counter() - t0
     if req.train.steps:
@@ -107,7 +114,7 @@ def build_projections(
     heldout_w = heldout_w.to(next(model.parameters()).device)
     if req.search:
         t1 = time.perf_counter()
-        table = sensitivity_table(model, proj, heldout_w, step, progress)
+        table = sensitivity_table(model, proj, heldout_w, step, progress, values_only=req.values_only)
         proj = proj.with_rates(*greedy_rates(table, head_dim, req.budget))
         info["seconds"]["search"] = time.perf_counter() - t1
     info["heldout_kl"] = score(model, proj, heldout_w, teacher_logits(model, heldout_w))
@@ -119,6 +126,10 @@ def run_matryoshka(req: MatryoshkaRequest, progress: Progress | None = None) -> 
     progress = progress or Silent()
     if not 0 < req.budget <= 1:
         raise KVConvertError(f"--budget {req.budget} must be in (0, 1]")
+    if req.values_only and req.budget <= 0.5:
+        raise KVConvertError(f"--values-only keeps every key dim, so --budget {req.budget} must be above 0.5")
+    if req.fold_values and not req.values_only:
+        raise KVConvertError("--fold-values is exact only for a values-only cut; add --values-only")
     ckpt = resolve(req.model)
     in_place = req.output.resolve() == ckpt.path.resolve()  # a recipe adds the projections to its own output
     if not in_place:
@@ -146,8 +157,31 @@ def run_matryoshka(req: MatryoshkaRequest, progress: Progress | None = None) -> 
         "value_rates": proj.value_rates.tolist(),
         **{k: v for k, v in info.items() if k != "seconds"},
     }
-    (write_in_place if in_place else write_output)(ckpt.path, req.output, proj, section)
+    if req.fold_values:
+        write_folded(model, tokenizer, req.output, proj, section | {"folded_into_v_proj": True})
+    else:
+        (write_in_place if in_place else write_output)(ckpt.path, req.output, proj, section)
     return MatryoshkaResult(req.output, section | {"seconds": info["seconds"]}, proj)
+
+
+def write_folded(model, tokenizer, output: Path, proj: Projections, section: dict) -> None:
+    """A stock checkpoint whose v_proj holds the values-only cut (exact), with the record section."""
+    from kvconvert.matryoshka.fold import fold_value_cut
+    from kvconvert.runtime.matryoshka import detach
+
+    detach(model)
+    fold_value_cut(model, proj)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.kvconvert-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"kvconvert_version": __version__, "matryoshka": section}
+        write_text(tmp / "kvconvert.json", json.dumps(record, indent=2) + "\n")
+        swap_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_in_place(source: Path, output: Path, proj: Projections, section: dict) -> None:

@@ -56,9 +56,16 @@ def score(model, proj: Projections, windows: torch.Tensor, reference: torch.Tens
 
 @torch.no_grad()
 def sensitivity_table(
-    model, proj: Projections, windows: torch.Tensor, step: int, progress: Progress | None = None
+    model,
+    proj: Projections,
+    windows: torch.Tensor,
+    step: int,
+    progress: Progress | None = None,
+    values_only: bool = False,
 ) -> SensitivityTable:
-    """Single-cut scores for every (layer, head, kind, level below full); `model` attached to `proj`'s bases."""
+    """Single-cut scores for every (layer, head, kind, level below full); `model` attached to `proj`'s bases.
+
+    With `values_only` key cuts are not measured (their score is +inf: never chosen)."""
     MatryoshkaRuntime(proj).attach(model)
     windows = windows.to(next(model.parameters()).device)
     reference = teacher_logits(model, windows)
@@ -66,10 +73,13 @@ def sensitivity_table(
     levels = torch.arange(step, head_dim, step)
     full = torch.full((layers, n_kv), head_dim, dtype=torch.long)
     scores = torch.zeros(layers, n_kv, 2, len(levels), dtype=torch.float64)
-    advance = (progress or Silent()).task("rate sensitivity", scores.numel())
+    kinds = (1,) if values_only else (0, 1)
+    if values_only:
+        scores[:, :, 0] = float("inf")
+    advance = (progress or Silent()).task("rate sensitivity", layers * n_kv * len(kinds) * len(levels))
     for layer in range(layers):
         for head in range(n_kv):
-            for kind in range(2):
+            for kind in kinds:
                 for j, level in enumerate(levels.tolist()):
                     rates = [full.clone(), full.clone()]
                     rates[kind][layer, head] = level
@@ -87,7 +97,7 @@ def greedy_rates(table: SensitivityTable, head_dim: int, budget: float) -> tuple
     pos = torch.full((layers, n_kv, 2), n_levels, dtype=torch.long)  # index into all_levels: start at full
     target = budget * 2 * layers * n_kv * head_dim
     while float(all_levels[pos].sum()) > target + 1e-9:
-        movable = pos > 0
+        movable = (pos > 0) & torch.isfinite(curve.gather(-1, (pos - 1).clamp(min=0)[..., None])[..., 0])
         if not movable.any():
             break
         cur = curve.gather(-1, pos[..., None])[..., 0]

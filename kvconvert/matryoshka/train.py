@@ -29,6 +29,7 @@ class TrainConfig:
     ce_weight: float = 0.0
     seed: int = 0
     min_fraction: float = 0.125  # lowest sampled rate, as a share of head_dim
+    values_only: bool = False  # keys stay at full rate (a cut that folds into a stock checkpoint)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def train_projections(
                 h.enabled = False
             teacher = model(input_ids=batch, use_cache=False).logits if objective.needs_teacher else None
         picks = levels[torch.randint(len(levels), (layers, n_kv, 2), generator=gen)]
+        if cfg.values_only:
+            picks[..., 0] = head_dim
         for i, h in enumerate(heads):
             h.enabled = True
             h.set_rates(picks[i, :, 0], picks[i, :, 1])

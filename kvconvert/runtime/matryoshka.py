@@ -153,6 +153,14 @@ class MatryoshkaRuntime:
     dtype_bytes = 4
 
 
+def detach(model, attn_implementation: str = "sdpa") -> None:
+    """Remove the projections from every attention module and select a stock attention again."""
+    for m in attention_modules(model):
+        if hasattr(m, "matryoshka"):
+            del m.matryoshka
+    model.set_attn_implementation(attn_implementation)
+
+
 def matryoshka_runtime(model, arg: str | None) -> MatryoshkaRuntime:
     """Factory for `kvconvert eval --cache matryoshka:DIR`: DIR (or the model's own directory when no arg) holds
     matryoshka.safetensors. Attaches to `model`."""
