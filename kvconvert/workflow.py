@@ -95,19 +95,21 @@ def check_reusable(ckpt: Checkpoint, path: Path, req: CalibrationRequest) -> Non
 def matryoshka_request(recipe: Recipe) -> MatryoshkaRequest:
     """The recipe's `matryoshka:` section as a request that writes into the output itself."""
     m = recipe.matryoshka
-    cfg = TrainConfig(m.steps, m.batch_size, m.lr, m.kl_weight, m.ce_weight, m.seed)
+    cfg = TrainConfig(
+        steps=m.steps, batch_size=m.batch_size, lr=m.lr, kl_weight=m.kl_weight, ce_weight=m.ce_weight, seed=m.seed
+    )
     return MatryoshkaRequest(
-        str(recipe.output),
-        recipe.output,
-        m.datasets,
-        m.budget,
-        m.samples,
-        m.heldout,
-        m.seq_len,
-        m.rate_step,
-        cfg,
-        m.search,
-        m.device,
+        model=str(recipe.output),
+        output=recipe.output,
+        datasets=m.datasets,
+        budget=m.budget,
+        samples=m.samples,
+        heldout=m.heldout,
+        seq_len=m.seq_len,
+        step=m.rate_step,
+        train=cfg,
+        search=m.search,
+        device=m.device,
     )
 
 
