@@ -161,6 +161,8 @@ def test_cli_writes_projections_and_record_and_the_runtime_loads_them(tiny, text
     assert result.exit_code == 0, result.output
     section = json.loads((out / "kvconvert.json").read_text())["matryoshka"]
     assert section["kept_fraction"] <= 0.5 and section["train"]["steps"] == 2
+    search = section["search"]  # the searched rates are kept only if a real forward confirms they beat uniform
+    assert section["heldout_kl"] == min(search["uniform_kl"], search["searched_kl"])
     assert (out / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
     model = fresh(out)
     rt = matryoshka_runtime(model, str(out))

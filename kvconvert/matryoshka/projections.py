@@ -7,6 +7,7 @@ after RoPE (the cache stores rotated keys); values carry no RoPE. Everything her
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def full_rates(layers: int, n_kv: int, head_dim: int) -> torch.Tensor:
 
 
 def uniform_rate(head_dim: int, fraction: float, step: int) -> int:
-    """The kept dims per head at a uniform `fraction`, rounded to a multiple of `step` (at least one step)."""
-    return int(min(head_dim, max(step, round(fraction * head_dim / step) * step)))
+    """The kept dims per head at a uniform `fraction`: the largest multiple of `step` within it (at least one step)."""
+    return int(min(head_dim, max(step, math.floor(fraction * head_dim / step + 1e-9) * step)))
 
 
 def pca_bases(moments: torch.Tensor) -> torch.Tensor:

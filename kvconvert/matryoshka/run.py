@@ -112,12 +112,19 @@ def build_projections(
         info["seconds"]["train"] = result.seconds
     MatryoshkaRuntime(proj).attach(model)
     heldout_w = heldout_w.to(next(model.parameters()).device)
+    reference = teacher_logits(model, heldout_w)
+    info["heldout_kl"] = score(model, proj, heldout_w, reference)
     if req.search:
         t1 = time.perf_counter()
         table = sensitivity_table(model, proj, heldout_w, step, progress, values_only=req.values_only)
-        proj = proj.with_rates(*greedy_rates(table, head_dim, req.budget))
+        searched = proj.with_rates(*greedy_rates(table, head_dim, req.budget))
+        searched_kl = score(model, searched, heldout_w, reference)
+        # the search assumes single-cut scores add up; a real forward checks it, and uniform rates win if better
+        info["search"] = {"uniform_kl": info["heldout_kl"], "searched_kl": searched_kl}
+        info["search"]["kept"] = "searched" if searched_kl <= info["heldout_kl"] else "uniform"
+        if searched_kl <= info["heldout_kl"]:
+            proj, info["heldout_kl"] = searched, searched_kl
         info["seconds"]["search"] = time.perf_counter() - t1
-    info["heldout_kl"] = score(model, proj, heldout_w, teacher_logits(model, heldout_w))
     info["sensitivity_table"] = bool(req.search)
     return proj, info
 
