@@ -168,6 +168,8 @@ def render(r: dict, command: str) -> str:
             f"| head merge alone | {k['kv_share']:.1%} | {k['merged_ppl']:.3f} |",
             f"| MatryoshkaKV alone (trained + searched) | {k['matryoshka_at_merge_share']['fraction']:.1%} | "
             f"{k['matryoshka_at_merge_share']['ppl']:.3f} |",
+            f"| head merge + MatryoshkaKV 50 % (trained, uniform) | {k['kv_share'] * mm['uniform_fraction']:.1%} | "
+            f"{mm['trained_uniform']:.3f} |",
             f"| head merge + MatryoshkaKV 50 % (trained + searched) | {k['kv_share'] * mm['searched_fraction']:.1%} | "
             f"{mm['trained_searched']:.3f} |",
             f"| MatryoshkaKV alone (trained + searched) | {k['matryoshka_at_combined_share']['fraction']:.1%} | "
@@ -183,10 +185,10 @@ def main() -> None:
     ap.add_argument("--train-text", type=Path, required=True)
     ap.add_argument("--eval-text", type=Path, required=True)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--heldout", type=int, default=4)
     ap.add_argument("--eval-samples", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=8)
