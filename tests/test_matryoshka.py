@@ -221,3 +221,20 @@ def test_cli_fold_values_writes_a_stock_checkpoint(tiny, text_a, tmp_path):
     stock = fresh(out)
     assert not (out / "matryoshka.safetensors").exists()
     assert stock(ids_for(stock)).logits.isfinite().all()
+
+
+@torch.no_grad()
+def test_left_padded_batch_generate_at_full_rate_matches_stock(tiny):
+    ids = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    kwargs |= dict(output_scores=True, return_dict_in_generate=True)
+    model = fresh(tiny)
+    ref = model.generate(ids, **kwargs)
+    rt = MatryoshkaRuntime(random_projections(2))
+    rt.attach(model)
+    out = model.generate(ids, past_key_values=rt.new_cache(model, 2), **kwargs)
+    assert torch.equal(ref.sequences, out.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(ref.scores, out.scores, strict=True)) < 1e-4
