@@ -22,6 +22,7 @@ from kvconvert.config import (
     RefineConfig,
     SourceConfig,
 )
+from kvconvert.config.matryoshka import MatryoshkaConfig
 from kvconvert.errors import KVConvertError
 
 
@@ -34,6 +35,7 @@ class Calibrate(CalibrateConfig):
 
 # Former names of the sections (each is now the stage's own config).
 Refine, Compress, Heal, Evaluate, Push = RefineConfig, CompressConfig, HealConfig, EvalConfig, PushConfig
+Matryoshka = MatryoshkaConfig
 
 
 class Recipe(SourceConfig):
@@ -45,6 +47,7 @@ class Recipe(SourceConfig):
     calibrate: Calibrate = Field(default_factory=Calibrate)
     compress: CompressConfig
     heal: HealConfig | None = None
+    matryoshka: MatryoshkaConfig | None = None
     eval: EvalConfig | None = None
     push: PushConfig | None = None
 

@@ -129,6 +129,13 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
     update_record(recipe.output, recipe=recipe.model_dump(mode="json", exclude_none=True))
     result = RecipeResult(recipe.output, compressed, timings=timings)
 
+    if recipe.matryoshka:
+        from kvconvert.matryoshka.run import request_from_config, run_matryoshka
+
+        t0 = time.perf_counter()
+        run_matryoshka(request_from_config(recipe.matryoshka, str(recipe.output), recipe.output), progress)
+        timings["matryoshka"] = time.perf_counter() - t0
+
     if recipe.eval:
         t0 = time.perf_counter()
         req = EvalRequest(model=str(recipe.output), baseline=str(ckpt.path), **recipe.eval.model_dump())

@@ -1,0 +1,257 @@
+"""`kvconvert matryoshka`: post-RoPE KV moments -> PCA bases -> Matryoshka training -> rate search -> output.
+
+The output directory holds the unchanged model files, `matryoshka.safetensors` (bases and rates) and a `matryoshka`
+section in `kvconvert.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvconvert import __version__
+from kvconvert.atomic import swap_into_place, write_text
+from kvconvert.checkpoint import resolve
+from kvconvert.errors import KVConvertError
+from kvconvert.export import prepare_output
+from kvconvert.heal.data import text_windows
+from kvconvert.matryoshka.moments import collect_kv_moments
+from kvconvert.matryoshka.projections import (
+    FILENAME,
+    Projections,
+    pca_bases,
+    save_projections,
+    uniform_rate,
+)
+from kvconvert.matryoshka.search import greedy_rates, score, sensitivity_table, teacher_logits
+from kvconvert.matryoshka.train import TrainConfig, train_projections
+from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+from kvconvert.progress import Progress, Silent
+from kvconvert.runtime.matryoshka import MatryoshkaRuntime
+from kvconvert.textdata import iter_texts, windows_digest
+
+
+@dataclass(frozen=True)
+class MatryoshkaRequest:
+    model: str
+    output: Path
+    datasets: list[str]
+    budget: float = 0.5
+    samples: int = 64
+    heldout: int = 4
+    seq_len: int = 128
+    step: int | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: bool = True
+    values_only: bool = False
+    fold_values: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False
+
+
+def request_from_config(cfg, model: str, output: Path, overwrite: bool = False) -> MatryoshkaRequest:
+    """The run described by a `MatryoshkaConfig` (CLI or recipe section), reading `model` and writing `output`."""
+    train = TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        kl_weight=cfg.kl_weight,
+        ce_weight=cfg.ce_weight,
+        seed=cfg.seed,
+        values_only=cfg.values_only,
+    )
+    return MatryoshkaRequest(
+        model=model,
+        output=output,
+        datasets=list(cfg.datasets),
+        budget=cfg.budget,
+        samples=cfg.samples,
+        heldout=cfg.heldout,
+        seq_len=cfg.seq_len,
+        step=cfg.rate_step,
+        train=train,
+        search=cfg.search,
+        values_only=cfg.values_only,
+        fold_values=cfg.fold_values,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        overwrite=overwrite,
+    )
+
+
+@dataclass(frozen=True)
+class MatryoshkaResult:
+    output: Path
+    section: dict
+    projections: Projections
+
+
+def calibration_windows(tokenizer, datasets: list[str], n: int, seq_len: int) -> torch.Tensor:
+    """`n` windows of `seq_len` tokens from the datasets in order (local text; no `self` sampling here)."""
+    parts, have = [], 0
+    for spec in datasets:
+        rows = text_windows(tokenizer, iter_texts(spec), seq_len, n - have)
+        parts.append(rows)
+        have += len(rows)
+        if have >= n:
+            break
+    if have < n:
+        raise KVConvertError(f"the datasets give {have} windows of {seq_len} tokens, {n} needed; add text")
+    return torch.cat(parts)
+
+
+def build_projections(
+    model, train_w, heldout_w, req: MatryoshkaRequest, progress: Progress
+) -> tuple[Projections, dict]:
+    """PCA init, training and rate search on a loaded model; returns the projections and what was done."""
+    t0 = time.perf_counter()
+    moments = collect_kv_moments(model, train_w, progress=progress)
+    key_m, value_m = moments.mean()
+    layers, n_kv, head_dim = key_m.shape[0], key_m.shape[1], key_m.shape[-1]
+    step = req.step or max(1, head_dim // 8)
+    if req.values_only:  # keys keep every dim: (D + r_v) / 2D = budget
+        rate = uniform_rate(head_dim, 2 * req.budget - 1, step)
+        keys = torch.full((layers, n_kv), head_dim, dtype=torch.long)
+    else:
+        rate = uniform_rate(head_dim, req.budget, step)
+        keys = torch.full((layers, n_kv), rate, dtype=torch.long)
+    values = torch.full((layers, n_kv), rate, dtype=torch.long)
+    proj = Projections(pca_bases(key_m), pca_bases(value_m), keys, values)
+    info: dict = {"moments_tokens": moments.tokens, "step": step, "uniform_rate": rate, "seconds": {}}
+    info["seconds"]["moments"] = time.perf_counter() - t0
+    if req.train.steps:
+        result = train_projections(model, proj, train_w, req.train, step, progress=progress)
+        proj = result.projections
+        info["train"] = {
+            "steps": req.train.steps,
+            "batch_size": req.train.batch_size,
+            "tokens": result.tokens,
+            "lr": req.train.lr,
+            "kl_weight": req.train.kl_weight,
+            "ce_weight": req.train.ce_weight,
+            "first_loss": result.losses[0],
+            "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
+        }
+        info["seconds"]["train"] = result.seconds
+    MatryoshkaRuntime(proj).attach(model)
+    heldout_w = heldout_w.to(next(model.parameters()).device)
+    reference = teacher_logits(model, heldout_w)
+    info["heldout_kl"] = score(model, proj, heldout_w, reference)
+    if req.search:
+        t1 = time.perf_counter()
+        table = sensitivity_table(model, proj, heldout_w, step, progress, values_only=req.values_only)
+        searched = proj.with_rates(*greedy_rates(table, head_dim, req.budget))
+        searched_kl = score(model, searched, heldout_w, reference)
+        # the search assumes single-cut scores add up; a real forward checks it, and uniform rates win if better
+        info["search"] = {"uniform_kl": info["heldout_kl"], "searched_kl": searched_kl}
+        info["search"]["kept"] = "searched" if searched_kl <= info["heldout_kl"] else "uniform"
+        if searched_kl <= info["heldout_kl"]:
+            proj, info["heldout_kl"] = searched, searched_kl
+        info["seconds"]["search"] = time.perf_counter() - t1
+    info["sensitivity_table"] = bool(req.search)
+    return proj, info
+
+
+def run_matryoshka(req: MatryoshkaRequest, progress: Progress | None = None) -> MatryoshkaResult:
+    progress = progress or Silent()
+    if not 0 < req.budget <= 1:
+        raise KVConvertError(f"--budget {req.budget} must be in (0, 1]")
+    if req.values_only and req.budget <= 0.5:
+        raise KVConvertError(f"--values-only keeps every key dim, so --budget {req.budget} must be above 0.5")
+    if req.fold_values and not req.values_only:
+        raise KVConvertError("--fold-values is exact only for a values-only cut; add --values-only")
+    ckpt = resolve(req.model)
+    in_place = req.output.resolve() == ckpt.path.resolve()  # a recipe adds the projections to its own output
+    if not in_place:
+        prepare_output(req.output, ckpt.path, req.overwrite)
+    device = resolve_device(req.device)
+    model = load_model(ckpt, device, resolve_dtype(req.dtype, device))
+    tokenizer = load_tokenizer(ckpt)
+    windows = calibration_windows(tokenizer, req.datasets, req.samples + req.heldout, req.seq_len)
+    train_w, heldout_w = windows[: req.samples], windows[req.samples :]
+    proj, info = build_projections(model, train_w, heldout_w, req, progress)
+    section = {
+        "kvconvert_version": __version__,
+        "source": req.model,
+        "budget": req.budget,
+        "kept_fraction": proj.fraction(),
+        "keys": "post-RoPE, per (layer, KV head) orthogonal basis; queries projected the same way",
+        "values": "per (layer, KV head) orthogonal basis; decoded before o_proj",
+        "file": FILENAME,
+        "data": req.datasets,
+        "samples": req.samples,
+        "heldout": req.heldout,
+        "seq_len": req.seq_len,
+        "windows_sha256": windows_digest(windows),
+        "key_rates": proj.key_rates.tolist(),
+        "value_rates": proj.value_rates.tolist(),
+        **{k: v for k, v in info.items() if k != "seconds"},
+    }
+    if req.fold_values:
+        write_folded(model, tokenizer, req.output, proj, section | {"folded_into_v_proj": True})
+    else:
+        (write_in_place if in_place else write_output)(ckpt.path, req.output, proj, section)
+    return MatryoshkaResult(req.output, section | {"seconds": info["seconds"]}, proj)
+
+
+def write_folded(model, tokenizer, output: Path, proj: Projections, section: dict) -> None:
+    """A stock checkpoint whose v_proj holds the values-only cut (exact), with the record section."""
+    from kvconvert.matryoshka.fold import fold_value_cut
+    from kvconvert.runtime.matryoshka import detach
+
+    detach(model)
+    fold_value_cut(model, proj)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.kvconvert-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"kvconvert_version": __version__, "matryoshka": section}
+        write_text(tmp / "kvconvert.json", json.dumps(record, indent=2) + "\n")
+        swap_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_in_place(source: Path, output: Path, proj: Projections, section: dict) -> None:
+    """Add the projections file (atomically) and the record section to an existing kvconvert output."""
+    from kvconvert.card import RECORD, update_record
+
+    tmp = output / f".{FILENAME}.kvconvert-tmp"
+    try:
+        save_projections(tmp, proj, {"budget": section["budget"], "kept_fraction": section["kept_fraction"]})
+        os.replace(tmp, output / FILENAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if (output / RECORD).is_file():
+        update_record(output, matryoshka=section)
+    else:
+        write_text(output / RECORD, json.dumps({"kvconvert_version": __version__, "matryoshka": section}, indent=2))
+
+
+def write_output(source: Path, output: Path, proj: Projections, section: dict) -> None:
+    """Copy the source checkpoint's files unchanged, add the projections and the record section, then swap in."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.kvconvert-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.name != FILENAME:
+                shutil.copyfile(path, tmp / path.name)
+        save_projections(tmp / FILENAME, proj, {"budget": section["budget"], "kept_fraction": section["kept_fraction"]})
+        record_path = tmp / "kvconvert.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"kvconvert_version": __version__}
+        record["matryoshka"] = section
+        write_text(record_path, json.dumps(record, indent=2) + "\n")
+        swap_into_place(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""MatryoshkaKV cache runtime: a transformers `Cache` that stores each KV head's keys/values at its own rate.
+
+Heads of one layer that share a (key rate, value rate) pair form a group; each group keeps one (B, n_g, T, r)
+tensor for keys and one for values, so nothing is padded and one decoding step costs one projection, one SDPA call
+and one decode per *group* (at most n_kv, usually 1-3), never a Python loop over all heads. The trade-off: more
+distinct rates per layer mean more, smaller kernel calls; the search's rate step (default D/8) bounds that.
+
+Use from Python:
+
+    rt = matryoshka_runtime(model, "DIR")          # DIR holds matryoshka.safetensors
+    rt.attach(model)                               # done by the factory too; idempotent
+    out = model.generate(ids, past_key_values=rt.new_cache(model, ids.shape[0]), max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvconvert.matryoshka.projections import Projections, load_projections
+from kvconvert.runtime.matryoshka_attention import (
+    NAME,
+    GroupedStates,
+    HeadProjections,
+    attention_modules,
+    project_keys_values,
+    register,
+)
+
+
+class MatryoshkaLayer(CacheLayerMixin):
+    """One layer's cache: per rate group, projected keys (B, n_g, T, r_k) and values (B, n_g, T, r_v)."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, proj: HeadProjections):
+        super().__init__()
+        self.proj = proj
+        self.group_keys: list[torch.Tensor] = []
+        self.group_values: list[torch.Tensor] = []
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        groups = self.proj.groups(key_states.dtype)
+        new = [project_keys_values(key_states, value_states, g) for g in groups]
+        if not self.group_keys:
+            self.group_keys = [k for k, _ in new]
+            self.group_values = [v for _, v in new]
+        else:
+            self.group_keys = [torch.cat([old, k], dim=-2) for old, (k, _) in zip(self.group_keys, new, strict=True)]
+            self.group_values = [
+                torch.cat([old, v], dim=-2) for old, (_, v) in zip(self.group_values, new, strict=True)
+            ]
+        return GroupedStates(self.group_keys, self.group_values), None
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.group_keys[0].shape[-2] if self.group_keys else 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.group_keys, *self.group_values))
+
+    def reset(self) -> None:
+        self.group_keys, self.group_values = [], []
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self.group_keys:
+            self.group_keys = [t[..., :tokens_to_remove, :] for t in self.group_keys]
+            self.group_values = [t[..., :tokens_to_remove, :] for t in self.group_values]
+
+    def _map(self, fn) -> None:
+        self.group_keys = [fn(t) for t in self.group_keys]
+        self.group_values = [fn(t) for t in self.group_values]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+class MatryoshkaCache(Cache):
+    """A cache of projected keys/values, one `MatryoshkaLayer` per attention layer."""
+
+    def __init__(self, projections: list[HeadProjections]):
+        super().__init__(layers=[MatryoshkaLayer(p) for p in projections])
+
+    def nbytes(self) -> int:
+        """Bytes of every cached tensor."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+class MatryoshkaRuntime:
+    """`CacheRuntime` (see kvconvert/runtime/registry.py) for MatryoshkaKV projections."""
+
+    name = NAME
+
+    def __init__(self, projections: Projections, info: dict | None = None):
+        self.projections = projections
+        self.info = info or {}
+
+    def attach(self, model) -> None:
+        """Give every attention module its layer's `HeadProjections` and select the "matryoshka" attention."""
+        register()
+        mods = attention_modules(model)
+        p = self.projections
+        layers, n_kv, head_dim = p.shape
+        if len(mods) != layers:
+            raise ValueError(f"projections have {layers} layers, the model {len(mods)} attention layers")
+        param = next(model.parameters())
+        for i, m in enumerate(mods):
+            if m.k_proj.out_features != n_kv * head_dim:
+                raise ValueError(f"layer {i}: k_proj gives {m.k_proj.out_features} features, not {n_kv} x {head_dim}")
+            hp = HeadProjections(p.key_basis[i], p.value_basis[i], p.key_rates[i], p.value_rates[i])
+            m.matryoshka = hp.to(param.device)
+        model.set_attn_implementation(NAME)
+
+    def new_cache(self, model, batch_size: int = 1) -> MatryoshkaCache:
+        mods = attention_modules(model)
+        if not all(isinstance(getattr(m, "matryoshka", None), HeadProjections) for m in mods):
+            self.attach(model)
+        return MatryoshkaCache([m.matryoshka for m in mods])
+
+    def kv_bytes(self, tokens: int, batch_size: int = 1, dtype_bytes: int | None = None) -> int:
+        """Computed cache bytes after `tokens` tokens: tokens · batch · Σ_(layer, head) (r_k + r_v) · dtype bytes."""
+        size = dtype_bytes if dtype_bytes is not None else self.dtype_bytes
+        return tokens * batch_size * self.projections.kept_per_token() * size
+
+    dtype_bytes = 4
+
+
+def detach(model, attn_implementation: str = "sdpa") -> None:
+    """Remove the projections from every attention module and select a stock attention again."""
+    for m in attention_modules(model):
+        if hasattr(m, "matryoshka"):
+            del m.matryoshka
+    model.set_attn_implementation(attn_implementation)
+
+
+def matryoshka_runtime(model, arg: str | None) -> MatryoshkaRuntime:
+    """Factory for `kvconvert eval --cache matryoshka:DIR`: DIR (or the model's own directory when no arg) holds
+    matryoshka.safetensors. Attaches to `model`."""
+    where = Path(arg) if arg else Path(getattr(model, "name_or_path", "") or ".")
+    proj, info = load_projections(where)
+    rt = MatryoshkaRuntime(proj, info)
+    rt.dtype_bytes = next(model.parameters()).element_size()
+    rt.attach(model)
+    return rt

@@ -1,0 +1,240 @@
+"""MatryoshkaKV: exactness at full rate, cache/masked equivalence, real cache bytes, moments, orthogonal training,
+rate search and the command's output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvconvert.cli import _register, app
+from kvconvert.heal.data import text_windows
+from kvconvert.matryoshka.moments import collect_kv_moments
+from kvconvert.matryoshka.projections import (
+    Projections,
+    full_rates,
+    load_projections,
+    orthogonality_error,
+    pca_bases,
+    save_projections,
+)
+from kvconvert.matryoshka.search import SensitivityTable, greedy_rates
+from kvconvert.matryoshka.train import TrainConfig, train_projections
+from kvconvert.modeling import load_tokenizer
+from kvconvert.runtime.matryoshka import MatryoshkaRuntime, matryoshka_runtime
+from kvconvert.textdata import iter_texts
+from tests.tiny import make_model
+
+_register()
+LAYERS, KV, D = 2, 2, 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("mk"), "llama", heads=4, kv_heads=KV, head_dim=D, layers=LAYERS)
+
+
+def fresh(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def random_projections(seed: int = 0) -> Projections:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(LAYERS, KV, D, D, generator=g))[0]
+    value = torch.linalg.qr(torch.randn(LAYERS, KV, D, D, generator=g))[0]
+    return Projections(basis, value, full_rates(LAYERS, KV, D), full_rates(LAYERS, KV, D))
+
+
+MIXED_K = torch.tensor([[4, 12], [8, 8]])
+MIXED_V = torch.tensor([[16, 4], [2, 8]])
+
+
+def ids_for(model, n=2, t=14, seed=0):
+    return torch.randint(0, model.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_full_rate_reproduces_the_original_logits_with_and_without_the_cache(tiny):
+    model = fresh(tiny)
+    ids = ids_for(model)
+    ref = model(ids).logits
+    rt = MatryoshkaRuntime(random_projections())
+    rt.attach(model)
+    assert model.config._attn_implementation == "matryoshka"
+    assert torch.allclose(model(ids, use_cache=False).logits, ref, atol=1e-5)
+    cache = rt.new_cache(model, 2)
+    first = model(ids[:, :9], past_key_values=cache, use_cache=True).logits
+    rest = model(ids[:, 9:], past_key_values=cache, use_cache=True).logits
+    assert torch.allclose(torch.cat([first, rest], 1), ref, atol=1e-5)
+
+
+@torch.no_grad()
+def test_cached_decoding_at_mixed_rates_matches_the_masked_full_pass_and_really_cuts(tiny):
+    model = fresh(tiny)
+    ids = ids_for(model, seed=1)
+    ref = model(ids).logits
+    rt = MatryoshkaRuntime(random_projections().with_rates(MIXED_K, MIXED_V))
+    rt.attach(model)
+    masked = model(ids, use_cache=False).logits
+    cache = rt.new_cache(model, 2)
+    steps = [model(ids[:, :6], past_key_values=cache, use_cache=True).logits]
+    for t in range(6, ids.shape[1]):  # token by token, as generate() decodes
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(steps, 1), masked, atol=1e-5)
+    assert (masked - ref).abs().max() > 1e-2  # the cut changes the model: the check above is not vacuous
+
+
+@torch.no_grad()
+def test_cache_tensor_bytes_equal_the_computed_size_after_generate(tiny):
+    model = fresh(tiny)
+    rt = MatryoshkaRuntime(random_projections().with_rates(MIXED_K, MIXED_V))
+    rt.attach(model)
+    cache = rt.new_cache(model, 3)
+    model.generate(ids_for(model, 3, 5), past_key_values=cache, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    tokens = cache.get_seq_length()
+    assert tokens == 11
+    kept = int(MIXED_K.sum() + MIXED_V.sum())
+    assert cache.nbytes() == rt.kv_bytes(tokens, 3) == tokens * 3 * kept * 4
+    stored = {(tuple(t.shape[1::2])) for layer in cache.layers for t in layer.group_keys + layer.group_values}
+    assert max(s[1] for s in stored) <= D and (1, 2) in stored  # no head padded to full width: value rate 2 kept
+
+
+@torch.no_grad()
+def test_collected_moments_are_those_of_the_post_rope_keys_the_cache_stores(tiny, text_a):
+    model = fresh(tiny)
+    windows = text_windows(load_tokenizer(str(tiny)), iter_texts(str(text_a)), 12, 3)
+    moments = collect_kv_moments(model, windows, batch_size=2)
+    cache = model(windows, use_cache=True).past_key_values
+    keys = torch.stack([layer.keys.double() for layer in cache.layers])  # (L, B, h, T, D), after RoPE
+    expect = torch.einsum("lbhtd,lbhte->lhde", keys, keys)
+    assert moments.tokens == windows.numel()
+    assert torch.allclose(moments.keys, expect, rtol=1e-6, atol=1e-6)
+    basis = pca_bases(moments.keys / moments.tokens)
+    energy = torch.einsum("lhdr,lhde,lher->lhr", basis.double(), moments.keys, basis.double())
+    assert (energy[..., :-1] >= energy[..., 1:] - 1e-6).all()  # columns by descending variance
+    assert orthogonality_error(basis) < 1e-5
+
+
+def test_training_changes_the_bases_and_keeps_them_orthogonal(tiny, text_a):
+    model = fresh(tiny)
+    windows = text_windows(load_tokenizer(str(tiny)), iter_texts(str(text_a)), 16, 4)
+    init = random_projections(3)
+    errors = []
+
+    def check(step, heads):
+        with torch.no_grad():
+            errors.extend(orthogonality_error(b) for h in heads for b in h.bases())
+
+    res = train_projections(model, init, windows, TrainConfig(steps=4, batch_size=2, lr=0.05), 4, on_step=check)
+    assert len(errors) == 4 * LAYERS * 2 and max(errors) < 1e-5
+    assert orthogonality_error(res.projections.key_basis) < 1e-5
+    assert (res.projections.key_basis - init.key_basis).abs().max() > 1e-3
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+
+
+def test_greedy_rates_meet_the_budget_and_cut_the_cheapest_heads_first():
+    levels = torch.tensor([4, 8, 12])
+    scores = torch.ones(LAYERS, KV, 2, 3) * torch.tensor([3.0, 2.0, 1.0])  # lower rate -> higher loss
+    scores[0, 1, 1] = torch.tensor([0.03, 0.02, 0.01])  # values of layer 0 head 1 are nearly free to cut
+    k, v = greedy_rates(SensitivityTable(levels, scores), D, 0.75)
+    assert (k.sum() + v.sum()) / (2 * LAYERS * KV * D) <= 0.75
+    assert v[0, 1] == 4
+
+
+def test_projection_file_round_trip(tmp_path):
+    proj = random_projections().with_rates(MIXED_K, MIXED_V)
+    save_projections(tmp_path / "matryoshka.safetensors", proj, {"budget": 0.5})
+    back, info = load_projections(tmp_path)
+    assert info == {"budget": 0.5}
+    assert torch.equal(back.key_basis, proj.key_basis) and torch.equal(back.value_rates, proj.value_rates)
+
+
+def test_cli_writes_projections_and_record_and_the_runtime_loads_them(tiny, text_a, tmp_path):
+    out = tmp_path / "out"
+    args = ["matryoshka", str(tiny), "--output", str(out), "--dataset", str(text_a), "--budget", "0.5"]
+    args += ["--samples", "4", "--heldout", "2", "--seq-len", "16", "--steps", "2", "--rate-step", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    section = json.loads((out / "kvconvert.json").read_text())["matryoshka"]
+    assert section["kept_fraction"] <= 0.5 and section["train"]["steps"] == 2
+    search = section["search"]  # the searched rates are kept only if a real forward confirms they beat uniform
+    assert section["heldout_kl"] == min(search["uniform_kl"], search["searched_kl"])
+    assert (out / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
+    model = fresh(out)
+    rt = matryoshka_runtime(model, str(out))
+    assert rt.projections.fraction() == section["kept_fraction"]
+    cache = rt.new_cache(model, 1)
+    model.generate(ids_for(model, 1, 4), past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert cache.nbytes() == rt.kv_bytes(cache.get_seq_length(), 1)
+
+
+def test_a_recipe_matryoshka_section_adds_projections_to_the_compressed_output(tiny, text_a, tmp_path):
+    from kvconvert.recipe import parse_recipe
+    from kvconvert.workflow import run_recipe
+
+    recipe = parse_recipe(
+        {
+            "model": str(tiny),
+            "output": str(tmp_path / "out"),
+            "calibrate": {"dataset": str(text_a), "samples": 4, "seq_len": 16, "device": "cpu"},
+            "compress": {"heads": 1},
+            "matryoshka": {"datasets": [str(text_a)], "samples": 4, "heldout": 1, "seq_len": 16, "steps": 1},
+        },
+        "test",
+    )
+    run_recipe(recipe)
+    proj, _ = load_projections(tmp_path / "out")
+    assert proj.shape == (LAYERS, 1, D) and proj.fraction() <= 0.5
+    assert json.loads((tmp_path / "out" / "kvconvert.json").read_text())["matryoshka"]["budget"] == 0.5
+
+
+@torch.no_grad()
+def test_a_values_only_cut_folds_exactly_into_a_stock_v_proj(tiny):
+    from kvconvert.matryoshka.fold import fold_value_cut
+
+    proj = random_projections(5).with_rates(full_rates(LAYERS, KV, D), MIXED_V)
+    ids = ids_for(fresh(tiny), seed=4)
+    cut = fresh(tiny)
+    MatryoshkaRuntime(proj).attach(cut)
+    stock = fresh(tiny)
+    ref = stock(ids).logits
+    fold_value_cut(stock, proj)
+    assert torch.allclose(stock(ids).logits, cut(ids, use_cache=False).logits, atol=1e-5)
+    assert (stock(ids).logits - ref).abs().max() > 1e-2
+    with pytest.raises(Exception, match="values-only"):
+        fold_value_cut(stock, random_projections().with_rates(MIXED_K, MIXED_V))
+
+
+def test_cli_fold_values_writes_a_stock_checkpoint(tiny, text_a, tmp_path):
+    out = tmp_path / "folded"
+    args = ["matryoshka", str(tiny), "--output", str(out), "--dataset", str(text_a), "--budget", "0.75"]
+    args += ["--samples", "4", "--heldout", "1", "--seq-len", "16", "--steps", "2", "--rate-step", "4"]
+    result = CliRunner().invoke(app, [*args, "--values-only", "--fold-values"])
+    assert result.exit_code == 0, result.output
+    section = json.loads((out / "kvconvert.json").read_text())["matryoshka"]
+    assert section["folded_into_v_proj"] and torch.tensor(section["key_rates"]).eq(D).all()
+    assert section["kept_fraction"] <= 0.75
+    stock = fresh(out)
+    assert not (out / "matryoshka.safetensors").exists()
+    assert stock(ids_for(stock)).logits.isfinite().all()
+
+
+@torch.no_grad()
+def test_left_padded_batch_generate_at_full_rate_matches_stock(tiny):
+    ids = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    kwargs |= dict(output_scores=True, return_dict_in_generate=True)
+    model = fresh(tiny)
+    ref = model.generate(ids, **kwargs)
+    rt = MatryoshkaRuntime(random_projections(2))
+    rt.attach(model)
+    out = model.generate(ids, past_key_values=rt.new_cache(model, 2), **kwargs)
+    assert torch.equal(ref.sequences, out.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(ref.scores, out.scores, strict=True)) < 1e-4
