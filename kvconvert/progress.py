@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -25,6 +26,27 @@ class Silent:
 
     def log(self, message: str) -> None:
         pass
+
+
+class _LineTicker:
+    """Progress as plain lines (when stderr is no terminal): the start, then at most one line per `every` seconds."""
+
+    def __init__(self, console, description: str, total: int | None, every: float = 5.0) -> None:
+        self._console, self._description, self._total, self._every = console, description, total, every
+        self._done, self._t0 = 0, time.monotonic()
+        self._last = self._t0
+        console.print(f"{description} ...", highlight=False)
+
+    def __call__(self, n=1, info: str | None = None) -> None:
+        self._done += n
+        now = time.monotonic()
+        if now - self._last >= self._every or (self._total is not None and self._done >= self._total):
+            self._last = now
+            of = f"/{self._total}" if self._total is not None else ""
+            extra = f" {info}" if info else ""
+            self._console.print(
+                f"{self._description} {self._done}{of} ({now - self._t0:.1f} s){extra}", highlight=False
+            )
 
 
 class RichProgress(AbstractContextManager):
@@ -65,6 +87,8 @@ class RichProgress(AbstractContextManager):
         self._bars.__exit__(exc_type, *rest)
 
     def task(self, description: str, total: int | None) -> Advance:
+        if self._enabled and not self._console.is_terminal:  # logs and pipes: bars never draw, print lines
+            return _LineTicker(self._console, description, total)
         tid = self._bars.add_task(description, total=total, info="")
 
         def advance(n=1, info: str | None = None) -> None:
