@@ -6,6 +6,8 @@ compress (calibrate + decompose + refine + export + verify), eval (perplexity, K
 
 from __future__ import annotations
 
+import sys
+
 from bench.corpora import pydoc_split
 from bench.gpu_common import KVCONVERT, SMOKE, SMOL, WORK, left, run, save
 from bench.gpu_scale import stage_times
@@ -16,7 +18,7 @@ def main() -> None:
     a, b = pydoc_split(WORK / "text")
     samples, seq = (4, 128) if SMOKE else (32, 1024)
     conv, healed = work / "conv", work / "healed"
-    steps = []
+    steps = [("pytest", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_devices.py"])]
     compress = [*KVCONVERT, "compress", SMOL, "--heads", "1", "--dataset", str(a), "--samples", str(samples)]
     compress += ["--seq-len", str(seq), "--batch-size", "4", "--refine-steps", "5", "--refine-samples", "4"]
     compress += ["--device", "auto", "--overwrite", "--output", str(conv)]

@@ -82,7 +82,7 @@ def main() -> None:
 
     budget = left(200) - 40  # leave time for loading, window building and the last evaluation
     tokens = 4 * batch * seq if SMOKE else int(min(20e6, max(1e6, budget * TOKENS_PER_S_GUESS)))
-    data = stdlib_text(work / "train.txt", 200_000 if SMOKE else 24_000_000)
+    data = stdlib_text(work / "train.txt", 200_000 if SMOKE else 12_000_000)
     points = sorted({round(tokens * f) for f in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)})
     curve = [{"tokens": 0, "seconds": 0.0, "perplexity": merged}]
     pending = list(points)

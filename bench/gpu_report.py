@@ -23,7 +23,8 @@ def gib(n: float) -> str:
 def devices(d: dict) -> list[str]:
     lines = ["## 1. Every stage on `--device auto`", "", "| command | exit code | seconds |", "|---|---:|---:|"]
     for name, r in d["steps"].items():
-        lines.append(f"| `kvconvert {name}` | {r['rc']} | {r['seconds']} |")
+        label = "`pytest tests/test_devices.py` (on the GPU)" if name == "pytest" else f"`kvconvert {name}`"
+        lines.append(f"| {label} | {r['rc']} | {r['seconds']} |")
     stages = d["steps"].get("compress", {}).get("stages")
     if stages:
         lines += ["", "compress stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
@@ -74,7 +75,7 @@ def runtime(d: dict) -> list[str]:
         "## 3. Decode where the KV cache matters (SmolLM2-135M shapes, random bf16 weights)",
         "",
         "Stock transformers `DynamicCache`, eager, no attention mask (SDPA with `enable_gqa`); peak = "
-        "`torch.cuda.max_memory_allocated` over the decode steps.",
+        f"`torch.cuda.max_memory_allocated` over the decode steps. SDPA: {d.get('sdpa', '?')}.",
         "",
         "| batch | context | 3 KV: tok/s | 1 KV: tok/s | speed-up | 3 KV: peak | 1 KV: peak | peak ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",

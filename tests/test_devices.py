@@ -1,5 +1,6 @@
 """Where tensors go: device placement that a CPU-only CI can check (no GPU needed), and the parallel planner."""
 
+import pytest
 import torch
 
 from kvconvert import distributed
@@ -62,3 +63,15 @@ def test_progress_prints_lines_when_stderr_is_no_terminal(capsys):
     err = capsys.readouterr().err
     assert "decomposing ..." in err
     assert "decomposing 3/3" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core Gram runs on CUDA only")
+def test_tensor_core_gram_matches_float64():
+    """bf16 products are exact in float32; chunked float32 sums added in float64 stay within ~1e-6 relative."""
+    from kvconvert.calibrate import add_gram_tensor_cores
+
+    x = torch.randn(5000, 256, device="cuda").bfloat16() + 0.5
+    acc = torch.zeros(256, 256, dtype=torch.float64, device="cuda")
+    add_gram_tensor_cores(acc, x, chunk=1024)
+    ref = x.double().T @ x.double()
+    assert float((acc - ref).abs().max() / ref.abs().max()) < 1e-5
