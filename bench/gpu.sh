@@ -75,7 +75,7 @@ part() {
 if [ "$SMOKE" = 1 ]; then
   part runtime 120; part scale 240; part devices 240; part heal 9999
 else
-  part runtime 80; part scale 150; part devices 90; part heal 9999
+  part runtime 70; part scale 150; part devices 110; part heal 9999
 fi
 $PY -m bench.gpu_report || echo "report failed"
 echo "total $(( $(date +%s) - START )) s"

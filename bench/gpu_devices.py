@@ -38,7 +38,7 @@ def main() -> None:
             r["stages"] = stage_times(r["log"])
         del r["log"]
         results[name] = r
-    save("devices", {"steps": results, "ok": all(r["rc"] == 0 for r in results.values())})
+        save("devices", {"steps": results, "ok": all(r["rc"] == 0 for r in results.values())})
 
 
 if __name__ == "__main__":

@@ -48,15 +48,17 @@ def scale(d: dict) -> list[str]:
         "| stage | wall (s) | floor (s) | wall / floor | target |",
         "|---|---:|---:|---:|---:|",
     ]
-    for key, floor, what in (
+    rows = [
         ("calibrate", d["calibrate_floor_seconds"], "forward FLOPs / matmul rate"),
+        ("calibrate", d["calibrate_floor_seconds"] + d.get("read_seconds", 0.0), "FLOPs + one read of the weights"),
         ("compress", d["copy_seconds"], "one read + one write"),
-    ):
+    ]
+    for key, floor, what in rows:
         r = d.get(key)
         if r is None:
-            lines.append(f"| {key} | not run | {floor:.1f} | | 1.5 |")
+            lines.append(f"| {key} ({what}) | not run | {floor:.1f} | | 1.5 |")
         elif r["rc"] != 0:
-            lines.append(f"| {key} | failed (rc {r['rc']}) after {r['seconds']} | {floor:.1f} | | 1.5 |")
+            lines.append(f"| {key} ({what}) | failed (rc {r['rc']}) after {r['seconds']} | {floor:.1f} | | 1.5 |")
         else:
             lines.append(f"| {key} ({what}) | {r['seconds']:.1f} | {floor:.1f} | {r['seconds'] / floor:.2f} | 1.5 |")
     stages = (d.get("compress") or {}).get("stages")

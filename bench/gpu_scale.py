@@ -123,6 +123,16 @@ def copy_seconds(src: Path) -> float:
     return seconds
 
 
+def read_seconds(src: Path) -> float:
+    """One plain read of every weight file of `src` (from the page cache when it was just written)."""
+    t0 = time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 * 2**20):
+                pass
+    return time.perf_counter() - t0
+
+
 def forward_flops(s: dict) -> float:
     """Matmul FLOPs of one forward of all decoder layers over the calibration tokens (causal attention, no head)."""
     h, d = s["hidden"], s["hidden"] // s["heads"]
@@ -148,7 +158,7 @@ def main() -> None:
     result["params"] = size // 2
     rate = matmul_rate(s, dev)
     copy = copy_seconds(ckpt)
-    result |= {"matmul_flops_per_s": rate, "copy_seconds": round(copy, 2)}
+    result |= {"matmul_flops_per_s": rate, "copy_seconds": round(copy, 2), "read_seconds": read_seconds(ckpt)}
     result["calibrate_floor_seconds"] = forward_flops(s) / rate
     save("scale", result)
 
