@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -67,3 +68,22 @@ def run(cmd: list[str], log: Path, timeout: float) -> dict:
     text = log.read_text(errors="replace")
     print(f"  -> rc {rc} in {seconds:.1f} s", flush=True)
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(seconds, 2), "tail": text[-1500:], "log": text}
+
+
+def stdlib_text(out: Path, limit_bytes: int) -> Path:
+    """pydoc-a, then the standard library's .py files, as one local text file of at most `limit_bytes`."""
+    from bench.corpora import pydoc_split
+
+    a, _ = pydoc_split(WORK / "text")
+    if out.exists():
+        return out
+    parts, size = [a.read_text()], 0
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in f.parts or size > limit_bytes:
+            continue
+        text = f.read_text(errors="replace")
+        parts.append(text)
+        size += len(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(parts))
+    return out

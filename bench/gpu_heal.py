@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 
 from bench.corpora import pydoc_split
-from bench.gpu_common import SMOKE, SMOL, WORK, device, left, save
+from bench.gpu_common import SMOKE, SMOL, WORK, device, left, save, stdlib_text
 from kvconvert.checkpoint import resolve
 from kvconvert.evaluation.perplexity import perplexity
 from kvconvert.heal import HealRequest, run_heal
@@ -34,23 +32,6 @@ class OutOfTime(Exception):
     pass
 
 
-def stdlib_text(out: Path, limit_bytes: int) -> Path:
-    """pydoc-a, then the standard library's .py files, as one local text file of at most `limit_bytes`."""
-    a, _ = pydoc_split(WORK / "text")
-    if out.exists():
-        return out
-    parts, size = [a.read_text()], 0
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if "test" in f.parts or size > limit_bytes:
-            continue
-        text = f.read_text(errors="replace")
-        parts.append(text)
-        size += len(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(parts))
-    return out
-
-
 def autocast(dev: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
@@ -62,7 +43,7 @@ def main() -> None:
     seq, batch = (64, 4) if SMOKE else (1024, 16)
     t0 = time.perf_counter()
     start = work / "start-refined"
-    cal = CalibrationRequest(str(a), 8 if SMOKE else 64, seq, 8, device="auto")
+    cal = CalibrationRequest(str(a), 8 if SMOKE else 32, seq, 8, device="auto")
     req = CompressRequest(SMOL, "1", start, method="weighted", overwrite=True, calibration=cal, verify=False)
     req.refine = RefineRequest(steps=30, lr=0.02, samples=4 if SMOKE else 16, inputs="sequential")
     run_compress(req)

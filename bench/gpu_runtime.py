@@ -135,7 +135,7 @@ def main() -> None:
     try:  # does the stock GQA decode path run on a fused kernel here? else measure with what torch picks
         with fused_attention():
             decode(build(1, dev, dtype), 2, 256, steps=1, warmup=1)
-        result["sdpa"] = "fused kernels only (flash / cuDNN / memory-efficient)"
+        result["sdpa"] = "fused kernels only (flash / cuDNN / memory-efficient)" if dev.type == "cuda" else "CPU"
     except RuntimeError as exc:
         attention = contextlib.nullcontext
         result["sdpa"] = f"torch's choice (fused-only failed: {str(exc).splitlines()[0][:200]})"
