@@ -64,7 +64,10 @@ def add_gram_tensor_cores(acc: torch.Tensor, x: torch.Tensor, chunk: int = GRAM_
     (The float64 product would cost about as much as the layer's own forward on an H100.)"""
     for start in range(0, x.shape[0], chunk):
         part = x[start : start + chunk]
-        acc += torch.mm(part.T, part, out_dtype=torch.float32)
+        try:
+            acc += torch.mm(part.T, part, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): the float64 product
+            add_upper_gram(acc, part.double())
 
 
 LayerSink = Callable[[int, torch.Tensor, torch.Tensor], None]

@@ -7,8 +7,9 @@ from kvconvert import distributed
 from kvconvert.decompose import decompose
 from kvconvert.distributed import Part, gather_rows
 from kvconvert.families import AttentionGeometry
+from kvconvert.fold import fold_layer
 from kvconvert.progress import RichProgress
-from tests.test_merge import layer_with_copies, moments
+from tests.test_merge import layer_with_copies, moments, relative_error
 
 
 def test_gather_rows_reduces_on_the_process_device(monkeypatch):
@@ -75,3 +76,18 @@ def test_tensor_core_gram_matches_float64():
     add_gram_tensor_cores(acc, x, chunk=1024)
     ref = x.double().T @ x.double()
     assert float((acc - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decompose_with_moments_on_the_gpu_matches_cpu():
+    """The moments and the group-loss tables formed on the GPU give the CPU's plan."""
+    geom = AttentionGeometry(64, 2, 8, 8, 16, 8)
+    weights = [layer_with_copies(geom, [0, 1, 2, 1, 3, 0, 3, 2], biases=True) for _ in range(2)]
+    stats = [moments(64, 500, seed=i) for i in range(2)]
+    plans = [
+        decompose(stats.__getitem__, weights.__getitem__, geom, 4, "weighted", device=dev) for dev in ("cpu", "cuda")
+    ]
+    for layer, (a, b) in enumerate(zip(plans[0].layers, plans[1].layers, strict=True)):
+        assert [h.kv_heads for h in a.heads] == [h.kv_heads for h in b.heads]
+        w = weights[layer]
+        assert relative_error(w, fold_layer(w, b, geom), geom, 4) < 1e-8  # copies merge exactly (phase-free check)
