@@ -56,14 +56,23 @@ def test_decompose_in_parallel_threads_matches_sequential():
 
 
 def test_progress_prints_lines_when_stderr_is_no_terminal(capsys):
-    """Logs and pipes (a GPU job's output) see each stage start and finish; rich bars would stay blank there."""
-    with RichProgress() as progress:
+    """Logs and pipes (a GPU job's output) see a long stage's progress; rich bars would stay blank there."""
+    with RichProgress(line_every=0.0) as progress:
         advance = progress.task("decomposing", 3)
         for _ in range(3):
             advance()
     err = capsys.readouterr().err
-    assert "decomposing ..." in err
+    assert "decomposing 1/3" in err
     assert "decomposing 3/3" in err
+
+
+def test_progress_lines_stay_quiet_for_short_stages(capsys):
+    """A stage shorter than the line interval prints nothing (an error stays the only stderr line)."""
+    with RichProgress(line_every=60.0) as progress:
+        advance = progress.task("decomposing", 3)
+        for _ in range(3):
+            advance()
+    assert capsys.readouterr().err.strip() == ""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core Gram runs on CUDA only")
