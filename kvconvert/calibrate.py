@@ -55,6 +55,22 @@ def add_upper_gram(acc: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
         acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
 
 
+HALF = (torch.bfloat16, torch.float16)
+GRAM_CHUNK = 2048
+
+
+def add_gram_tensor_cores(acc: torch.Tensor, x: torch.Tensor, chunk: int = GRAM_CHUNK) -> None:
+    """acc (float64) += xᵀx for bf16/fp16 `x` on a GPU, on its tensor cores: each product of two half-precision
+    values is exact in float32, each `chunk` rows are summed in float32, and the partial sums in float64.
+    (The float64 product would cost about as much as the layer's own forward on an H100.)"""
+    for start in range(0, x.shape[0], chunk):
+        part = x[start : start + chunk]
+        try:
+            acc += torch.mm(part.T, part, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): the float64 product
+            add_upper_gram(acc, part.double())
+
+
 LayerSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -92,9 +108,14 @@ def accumulate(
                 x, out = layer_pass(runner, module, layer, store.read(start, stop, device), need_output=not last)
                 if out is not None:
                     store.write(start, out)
-                x = x.reshape(-1, hidden_size).to(acc_device, torch.float64)
-                add_upper_gram(sum_xx, x)
-                sum_x += x.sum(0)
+                x = x.reshape(-1, hidden_size)
+                if x.is_cuda and x.dtype in HALF:
+                    add_gram_tensor_cores(sum_xx, x)
+                    sum_x += x.sum(0, dtype=torch.float64)
+                else:
+                    x = x.to(acc_device, torch.float64)
+                    add_upper_gram(sum_xx, x)
+                    sum_x += x.sum(0)
             del module
             runner.free(layer)
             on_layer(layer, sum_x, pack(sum_xx))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import get_args
 
 import torch
@@ -19,6 +20,7 @@ from kvconvert.merge.problem import GroupProblem, MergeLoss
 from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
 
 GROUPINGS = get_args(Grouping)
+PLAN_WORKERS = 8
 
 
 def group_problem(
@@ -146,13 +148,30 @@ def decompose(
         raise ValueError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
     if coherence is None:
         coherence = torch.zeros(geom.rotary_dim // 2, dtype=torch.float64)
-    layers = []
-    for layer in range(geom.num_layers):
-        second, mean = moments_of(layer)
-        lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
-        layers.append(plan_layer(lm, geom, n_new, method, grouping, coherence))
-        del lm, second, mean
-        release_memory()
+    # The grouping search and the merges are CPU eigen-solves that release the GIL: plan several layers at once
+    # (one per CPU thread torch may use, at most PLAN_WORKERS), while the next layers' moments are formed on
+    # `device`. With one thread this is the plain sequential loop.
+    workers = max(1, min(PLAN_WORKERS, torch.get_num_threads(), geom.num_layers))
+    layers: list[LayerPlan | None] = [None] * geom.num_layers
+    with ThreadPoolExecutor(workers) as pool:
+        pending: dict[Future, int] = {}
+        for layer in range(geom.num_layers):
+            second, mean = moments_of(layer)
+            lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
+            pending[pool.submit(plan_layer, lm, geom, n_new, method, grouping, coherence)] = layer
+            del lm, second, mean
+            if len(pending) >= 2 * workers:
+                _collect(pending, layers, on_layer, wait_all=False)
+        _collect(pending, layers, on_layer, wait_all=True)
+    release_memory()
+    return CompressionPlan(method, grouping, geom.num_kv_heads, n_new, tuple(layers))
+
+
+def _collect(pending: dict, layers: list, on_layer: Callable[[int], None] | None, wait_all: bool) -> None:
+    """Store finished layer plans (all of them, or at least one), reporting each to `on_layer`."""
+    done, _ = wait(pending, return_when=ALL_COMPLETED if wait_all else FIRST_COMPLETED)
+    for fut in done:
+        layer = pending.pop(fut)
+        layers[layer] = fut.result()
         if on_layer:
             on_layer(layer)
-    return CompressionPlan(method, grouping, geom.num_kv_heads, n_new, tuple(layers))

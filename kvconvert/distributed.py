@@ -72,9 +72,11 @@ def all_reduce_sum(tensor: torch.Tensor, part: Part) -> torch.Tensor:
 
 def gather_rows(rows: torch.Tensor, spans: list[tuple[int, int]], n: int, part: Part) -> torch.Tensor:
     """Reassemble the (n, ...) tensor whose rows `spans` this process holds (in span order) on every process."""
-    full = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype)
+    # The sum runs on this process's device: NCCL (the backend on GPUs) reduces only CUDA tensors.
+    dev = part.device if part.world > 1 and part.device is not None else torch.device("cpu")
+    full = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype, device=dev)
     offset = 0
     for start, stop in spans:
-        full[start:stop] = rows[offset : offset + stop - start].cpu()
+        full[start:stop] = rows[offset : offset + stop - start].to(dev)
         offset += stop - start
-    return all_reduce_sum(full, part) if part.world > 1 else full
+    return (all_reduce_sum(full, part) if part.world > 1 else full).cpu()

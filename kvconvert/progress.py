@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -27,10 +28,32 @@ class Silent:
         pass
 
 
+class _LineTicker:
+    """Progress as plain lines (when stderr is no terminal), for long stages only: one line per `every` seconds,
+    and a last one at the end if any was printed (a short stage, or one that fails fast, prints nothing)."""
+
+    def __init__(self, console, description: str, total: int | None, every: float) -> None:
+        self._console, self._description, self._total, self._every = console, description, total, every
+        self._done, self._t0, self._printed = 0, time.monotonic(), False
+        self._last = self._t0
+
+    def __call__(self, n=1, info: str | None = None) -> None:
+        self._done += n
+        now = time.monotonic()
+        finished = self._total is not None and self._done >= self._total
+        if now - self._last >= self._every or (finished and self._printed):
+            self._last, self._printed = now, True
+            of = f"/{self._total}" if self._total is not None else ""
+            extra = f" {info}" if info else ""
+            self._console.print(
+                f"{self._description} {self._done}{of} ({now - self._t0:.1f} s){extra}", highlight=False
+            )
+
+
 class RichProgress(AbstractContextManager):
     """Bars with rate and ETA on stderr."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, line_every: float = 5.0) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -42,7 +65,7 @@ class RichProgress(AbstractContextManager):
         from rich.progress import Progress as _Progress
 
         self._console = Console(stderr=True)
-        self._enabled = enabled
+        self._enabled, self._line_every = enabled, line_every
         self._bars = _Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -65,6 +88,8 @@ class RichProgress(AbstractContextManager):
         self._bars.__exit__(exc_type, *rest)
 
     def task(self, description: str, total: int | None) -> Advance:
+        if self._enabled and not self._console.is_terminal:  # logs and pipes: bars never draw, print lines
+            return _LineTicker(self._console, description, total, self._line_every)
         tid = self._bars.add_task(description, total=total, info="")
 
         def advance(n=1, info: str | None = None) -> None:

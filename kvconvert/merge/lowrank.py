@@ -73,22 +73,24 @@ class LowRankLosses:
     def __init__(self, lm: LayerMoments, geom: AttentionGeometry, coherence: torch.Tensor, weighted: bool):
         n, d, r, rep = geom.num_kv_heads, geom.head_dim, geom.rotary_dim, geom.n_rep
         self.d, self.p = d, d - r
-        key, value = lm.key_moment.cpu(), lm.value_moment.cpu()
+        # The weighting (large batched products) runs where the moments are (the GPU when there is one); the
+        # tables the search reads are then kept on the CPU, where its many small eigen-solves are done.
+        key, value = lm.key_moment, lm.value_moment
         z = rope.complex_moment(key, n, d, r)
         if weighted:
-            mu = rope.complex_mean(lm.key_mean.cpu(), n, d, r)
-            z = z - coherence[:, None, None] * (mu.unsqueeze(-1) * mu.conj().unsqueeze(-2))
-            sw = lm.query_pair_energy.cpu().reshape(n, rep, -1).sum(1).T.sqrt()  # (pairs, n)
+            mu = rope.complex_mean(lm.key_mean, n, d, r)
+            z = z - coherence.to(z.device)[:, None, None] * (mu.unsqueeze(-1) * mu.conj().unsqueeze(-2))
+            sw = lm.query_pair_energy.reshape(n, rep, -1).sum(1).T.sqrt()  # (pairs, n)
             z = sw.unsqueeze(-1) * z * sw.unsqueeze(-2)
-        self.pairs = z
-        self.passes = rope.pass_block(key, n, d, r) if self.p else None
+        passes = rope.pass_block(key, n, d, r) if self.p else None
         if weighted:
-            out = psd_sqrt(lm.out_gram.cpu().reshape(n, rep, d, d).sum(1))
+            out = psd_sqrt(lm.out_gram.reshape(n, rep, d, d).sum(1))
             value = block_weight(value, out, d)
             if self.p:
-                qp = psd_sqrt(lm.query_pass_moment.cpu().reshape(n, rep, self.p, self.p).sum(1))
-                self.passes = block_weight(self.passes, qp, self.p)
-        self.value = value
+                qp = psd_sqrt(lm.query_pass_moment.reshape(n, rep, self.p, self.p).sum(1))
+                passes = block_weight(passes, qp, self.p)
+        self.pairs, self.value = z.cpu(), value.cpu()
+        self.passes = None if passes is None else passes.cpu()
 
     def __call__(self, groups: Sequence[tuple[int, ...]]) -> list[tuple[float, float, float, float]]:
         idx = torch.tensor(groups, dtype=torch.long)

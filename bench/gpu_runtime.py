@@ -1,0 +1,175 @@
+"""GPU part 3: decode speed and memory where the KV cache dominates, SmolLM2-135M shapes, 3 vs 1 KV heads.
+
+Random bf16 weights (speed and memory do not depend on them). Each point fills a stock transformers `DynamicCache`
+with `context` random tokens per sequence (what a prefill leaves), then times greedy decode steps of the stock
+model (`model(input_ids, past_key_values=...)`, no attention mask, so transformers' SDPA path runs with
+`enable_gqa` and never copies KV heads). Peak = `torch.cuda.max_memory_allocated` over the decode steps
+(model + cache + the step's temporaries). The budget search finds, per model, the largest batch at a fixed
+context whose decode steps run inside a fixed memory cap (`torch.cuda.set_per_process_memory_fraction`).
+
+Why not a static cache here: a `StaticCache` needs an attention mask (unfilled slots), and with a mask
+transformers 5.x's SDPA integration repeats the KV heads to the query-head count before attention
+(`use_gqa_in_sdpa` is false), which hides most of what fewer KV heads save in bandwidth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from bench.gpu_common import SMOKE, device, left, save, sync
+
+SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
+TINY = dict(vocab_size=512, hidden_size=72, intermediate_size=128, num_hidden_layers=2, num_attention_heads=9)
+GRID_FULL = [(16, 4096), (16, 16384), (32, 32768), (64, 8192), (64, 16384), (128, 16384)]
+GRID_TINY = [(2, 64), (4, 128)]
+
+
+def build(kv_heads: int, dev: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shapes = TINY if SMOKE else SHAPES
+    config = LlamaConfig(
+        **shapes, num_key_value_heads=kv_heads, head_dim=64, max_position_embeddings=65536, tie_word_embeddings=True
+    )
+    config._attn_implementation = "sdpa"
+    with torch.device(dev):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def filled_cache(model, batch: int, context: int):
+    from transformers import DynamicCache
+
+    c = model.config
+    cache = DynamicCache(config=c)
+    p = next(model.parameters())
+    shape = (batch, c.num_key_value_heads, context, c.head_dim)
+    for layer in range(c.num_hidden_layers):
+        k = torch.randn(shape, device=p.device, dtype=p.dtype)
+        v = torch.randn(shape, device=p.device, dtype=p.dtype)
+        cache.update(k, v, layer)
+        del k, v
+    return cache
+
+
+@torch.no_grad()
+def decode(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict:
+    """Tokens/s of `steps` greedy decode steps after `warmup` ones, and the peak memory over all of them."""
+    dev = next(model.parameters()).device
+    cache = filled_cache(model, batch, context)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+    pos = torch.full((batch, 1), context, device=dev, dtype=torch.long)
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = pos + 1
+    sync()
+    seconds = time.perf_counter() - t0
+    cache_bytes = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else model_bytes + cache_bytes
+    del cache, out
+    return {
+        "batch": batch,
+        "context": context,
+        "steps": steps,
+        "decode_tokens_per_s": batch * steps / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "cache_bytes": cache_bytes,
+        "peak_bytes": peak,
+        "peak_kind": "cuda_max_memory_allocated" if dev.type == "cuda" else "model + cache bytes (CPU)",
+    }
+
+
+def fused_attention():
+    """Only fused SDPA kernels (flash, cuDNN, memory-efficient) on CUDA: the math fallback would copy KV heads."""
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
+def fits(model, batch: int, context: int, budget: int) -> bool:
+    """Whether two decode steps at (batch, context) run inside `budget` bytes."""
+    try:
+        r = decode(model, batch, context, steps=1, warmup=1)
+        ok = r["peak_bytes"] <= budget
+    except torch.OutOfMemoryError:
+        ok = False
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return ok
+
+
+def largest_batch(model, context: int, budget: int, limit: int = 8192) -> int:
+    """Largest batch (to within 1/16) whose decode fits `budget` at `context`: doubling, then bisection."""
+    lo, hi = 0, 1
+    while hi <= limit and fits(model, hi, context, budget):
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(model, mid, context, budget) else (lo, mid)
+    return lo
+
+
+def main() -> None:
+    dev = device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    grid = GRID_TINY if SMOKE else GRID_FULL
+    budget_context = 256 if SMOKE else 8192
+    budget = (2 * 2**20) if SMOKE else 40 * 2**30
+    total = torch.cuda.get_device_properties(0).total_memory if dev.type == "cuda" else None
+    result: dict = {"shapes": TINY if SMOKE else SHAPES, "dtype": str(dtype), "points": {}, "budget": {}}
+    t_end = time.time() + left(150)
+    attention = fused_attention
+    try:  # does the stock GQA decode path run on a fused kernel here? else measure with what torch picks
+        with fused_attention():
+            decode(build(1, dev, dtype), 2, 256, steps=1, warmup=1)
+        result["sdpa"] = "fused kernels only (flash / cuDNN / memory-efficient)" if dev.type == "cuda" else "CPU"
+    except RuntimeError as exc:
+        attention = contextlib.nullcontext
+        result["sdpa"] = f"torch's choice (fused-only failed: {str(exc).splitlines()[0][:200]})"
+    print("sdpa:", result["sdpa"], flush=True)
+    for kv in (3, 1):
+        model = build(kv, dev, dtype)
+        rows = []
+        for batch, context in grid:
+            if time.time() > t_end - 20:
+                print("runtime: out of time, skipping the rest of the grid", flush=True)
+                break
+            try:
+                with attention():
+                    r = decode(model, batch, context, steps=4 if SMOKE else 10)
+            except torch.OutOfMemoryError:
+                r = {"batch": batch, "context": context, "oom": True}
+                torch.cuda.empty_cache()
+            print(f"kv={kv} {r}", flush=True)
+            rows.append(r)
+        result["points"][str(kv)] = rows
+        save("runtime", result)
+        if total is not None:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        with attention():
+            b = largest_batch(model, budget_context, budget, limit=64 if SMOKE else 8192)
+        if total is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        result["budget"][str(kv)] = {"budget_bytes": budget, "context": budget_context, "largest_batch": b}
+        print(f"kv={kv} largest batch at {budget_context} tokens in {budget / 2**30:.1f} GiB: {b}", flush=True)
+        save("runtime", result)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
