@@ -28,7 +28,7 @@ from kvconvert.refine import RefineOptions, refine
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
 from kvconvert.textdata import windows_digest
-from kvconvert.verify import VerifyResult, converted_in_memory, verify
+from kvconvert.verify import VerifyResult, converted_in_memory, verify, verify_streamed
 
 
 @dataclass
@@ -66,6 +66,8 @@ class CompressRequest:
     calibration: CalibrationRequest = field(default_factory=CalibrationRequest)
     refine: RefineRequest = field(default_factory=RefineRequest)
     verify: bool = True
+    reload_check: bool = False
+    """Also reload the whole output with stock transformers (needs memory for two fp32 copies of the model)."""
     overwrite: bool = False
     max_shard_size: str = "5GB"
     allow_pickle: bool = False
@@ -253,6 +255,23 @@ def _compress_with_stats(
 
     t0 = time.perf_counter()
     extra = {RECORD: dump_record(record), CARD: model_card(record)}
+    checked: list[VerifyResult] = []
+
+    def check(staged: Path) -> None:
+        """Verify the staged output before it replaces anything: a refused run leaves the old output as it was."""
+        timings["export"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result = verify_streamed(staged, conv, device)
+        if result.ok and req.reload_check:
+            result = verify(staged, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
+        timings["verify"] = time.perf_counter() - t1
+        if not result.ok:
+            raise KVConvertError(
+                f"written output differs from the in-memory conversion (max |Δlogit| {result.max_abs_diff:.3g}); "
+                "nothing was replaced; please report this"
+            )
+        checked.append(result)
+
     write_checkpoint(
         conv,
         req.output,
@@ -260,19 +279,10 @@ def _compress_with_stats(
         max_shard_size=req.max_shard_size,
         overwrite=req.overwrite,
         progress=progress,
+        check=check if req.verify else None,
     )
-    timings["export"] = time.perf_counter() - t0
-
-    result = None
-    if req.verify:
-        t0 = time.perf_counter()
-        result = verify(req.output, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
-        timings["verify"] = time.perf_counter() - t0
-        if not result.ok:
-            raise KVConvertError(
-                f"reloaded output differs from the in-memory conversion (max |Δlogit| {result.max_abs_diff:.3g}); "
-                "please report this"
-            )
+    timings.setdefault("export", time.perf_counter() - t0)
+    result = checked[0] if checked else None
     healed = None
     if req.heal is not None:
         t0 = time.perf_counter()

@@ -59,3 +59,6 @@ def main() -> None:
         fail(str(exc))
     except Interrupted:
         fail(INTERRUPTED)
+    except OSError as exc:  # permissions, read-only or full disk, name too long: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        fail(f"{exc.strerror or exc}{where}; nothing was replaced: free space or fix permissions, then run again")

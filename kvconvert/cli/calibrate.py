@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import typer
+
 from kvconvert.checkpoint import resolve
 from kvconvert.cli import app, options
 from kvconvert.distributed import current_part
 from kvconvert.pipeline import CalibrationRequest, run_calibration
 from kvconvert.preflight import check_source
 from kvconvert.progress import RichProgress
+from kvconvert.stats import stats_output
 
 
 @app.command()
@@ -28,6 +31,7 @@ def calibrate(
     output: Path = options.Output,
     allow_pickle: bool = options.AllowPickle,
     trust_remote_code: bool = options.TrustRemoteCode,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing statistics file."),
 ) -> None:
     """Run calibration text through MODEL and save the attention-input statistics (one file, every ratio).
 
@@ -40,7 +44,8 @@ def calibrate(
     with current_part() as part, RichProgress(enabled=part.is_main) as progress:
         ckpt = resolve(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         check_source(ckpt, require_tokenizer=False)
-        stats = run_calibration(ckpt, req, output, progress, part)
+        with stats_output(output, overwrite, inputs=[ckpt.path], writer=part.is_main):
+            stats = run_calibration(ckpt, req, output, progress, part)
     if part.is_main:
         secs = time.perf_counter() - t0
         print(

@@ -43,7 +43,14 @@ def compress(
     refine_inputs: str = typer.Option(
         "sequential", "--refine-inputs", help="sequential (refined earlier layers) or original (original inputs)."
     ),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the output with stock transformers."),
+    verify: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="Check the written output (tensors, layer-wise logits) before it replaces anything.",
+    ),
+    reload_check: bool = typer.Option(
+        False, "--reload-check", help="Also reload the whole output with stock transformers (two fp32 model copies)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     heal_tokens: int = typer.Option(
@@ -74,6 +81,7 @@ def compress(
         ),
         refine=RefineRequest(refine_steps, refine_lr, refine_samples, refine_inputs),
         verify=verify,
+        reload_check=reload_check,
         overwrite=overwrite,
         max_shard_size=max_shard_size,
         allow_pickle=allow_pickle,
@@ -110,7 +118,7 @@ def report(result: CompressResult) -> None:
         f"mean retained energy: keys {keys:.3f}, values {values:.3f}"
     )
     if result.verify:
-        console.print(f"verified: stock reload matches (max |Δlogit| {result.verify.max_abs_diff:.2e})")
+        console.print(f"verified: written output matches (max |Δlogit| {result.verify.max_abs_diff:.2e})")
     if result.heal:
         h = result.heal.record["heal"]
         console.print(f"healed in place: {h['tokens']} tokens ({h['train']}), final KL {h['final_loss']:.4f}")
