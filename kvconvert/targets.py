@@ -40,7 +40,8 @@ def parse_heads(spec: str, geom: AttentionGeometry) -> int:
         count = frac * geom.num_kv_heads
         if count.denominator != 1:
             raise KVConvertError(
-                f"--heads {spec} keeps {float(count):g} of {geom.num_kv_heads} KV heads; valid counts: {listing}"
+                f"--heads {spec} keeps {float(count):.4g} of {geom.num_kv_heads} KV heads, not a whole number; valid "
+                f"counts: {listing}"
             )
         n = int(count)
     else:

@@ -131,7 +131,12 @@ def verify_streamed(
     vocab = conv.config.vocab_size
     ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
     want = layerwise_logits(in_memory_view(conv), ids, device)
-    got = layerwise_logits(written, ids, device)
+    try:
+        got = layerwise_logits(written, ids, device)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"the written checkpoint does not run with its own config ({first}); please report this"
+        raise KVConvertError(msg) from exc
     if got.shape != want.shape:
         raise KVConvertError(f"written checkpoint gives logits of shape {list(got.shape)}, not {list(want.shape)}")
     return VerifyResult(float((got - want).abs().max()), float(want.abs().max()), tokens)

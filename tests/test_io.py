@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kvconvert.errors import KVConvertError
-from kvconvert.io.shards import ShardPlan, spec_of, write_safetensors, write_shards
+from kvconvert.io.shards import SafetensorsWriter, ShardPlan, spec_of, write_safetensors, write_shards
 from kvconvert.io.staging import output_lock, staged
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8]
@@ -48,10 +47,14 @@ def test_streamed_file_is_byte_identical_to_save_file(tmp_path):
 def test_writer_refuses_wrong_order_shape_or_missing_tensors(tmp_path):
     tensors = {"a": torch.zeros(2), "b": torch.zeros(3)}
     specs = {n: spec_of(t) for n, t in tensors.items()}
+    writer = SafetensorsWriter(tmp_path / "x", specs)
     with pytest.raises(ValueError, match="out of order"):
-        write_safetensors(tmp_path / "x", specs, lambda n: tensors["b" if n == "a" else "a"])
+        writer.add("b", tensors["b"])
     with pytest.raises(ValueError, match="header says"):
-        write_safetensors(tmp_path / "x", specs, lambda n: torch.zeros(4))
+        writer.add("a", torch.zeros(4))
+    writer.add("a", tensors["a"])
+    with pytest.raises(ValueError, match="incomplete"):
+        writer.close()
 
 
 def test_shards_match_hugging_face_split_and_index(tmp_path):
@@ -160,7 +163,7 @@ def test_files_written_follow_the_umask(tmp_path):
         """
         import os, sys, torch
         from pathlib import Path
-        from kvconvert.io.shards import ShardPlan, spec_of, write_shards
+        from kvconvert.io.shards import SafetensorsWriter, ShardPlan, spec_of, write_shards
         from kvconvert.io.staging import staged
         os.umask(0o027)
         t = {"a": torch.zeros(3)}

@@ -2,7 +2,8 @@
 
 Every output is written into a hidden sibling (`.NAME.kvconvert-tmp`), checked, then renamed into place with
 interrupts held. A lock file beside the output (`.NAME.kvconvert-lock`) keeps a second run off the same output; a
-temporary left by a killed run has the same fixed name, so the next run (holding the lock) removes it.
+temporary left by a killed run has the same fixed name, so the next run (holding the lock) removes it, and an old
+output a killed run had set aside (`.NAME.kvconvert-old`) is moved back.
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ def swap_into_place(tmp: Path, output: Path) -> None:
         with deferred_interrupts():
             os.replace(tmp, output)
         return
+    recover(output)
     old = output.parent / f".{output.name}.kvconvert-old"
-    shutil.rmtree(old, ignore_errors=True)
     with deferred_interrupts():
         replaced = output.exists()
         if replaced:
@@ -148,10 +149,10 @@ def staged(
     check_replaceable(output, overwrite=overwrite, directory=directory)
     lock = output_lock(output) if locked else _nothing()
     with lock:
+        recover(output)
         check_replaceable(output, overwrite=overwrite, directory=directory)  # it may have appeared meanwhile
         tmp = temporary_of(output)
         _remove(tmp)  # left by a killed run
-        _remove(output.parent / f".{output.name}.kvconvert-old")
         try:
             if directory:
                 tmp.mkdir()
@@ -160,6 +161,18 @@ def staged(
         except BaseException:
             _remove(tmp)
             raise
+
+
+def recover(output: Path) -> None:
+    """Undo what a run killed inside `swap_into_place` left: the old output set aside is moved back (or dropped
+    when the new one is already in place)."""
+    old = output.parent / f".{output.name}.kvconvert-old"
+    if not old.exists():
+        return
+    if output.exists():
+        _remove(old)
+    else:
+        old.rename(output)
 
 
 @contextmanager
