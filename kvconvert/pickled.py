@@ -17,7 +17,7 @@ import torch
 
 from kvconvert.errors import KVConvertError
 from kvconvert.io.cache import locked_fill
-from kvconvert.io.shards import INDEX, spec_of, write_safetensors
+from kvconvert.io.shards import spec_of, write_index, write_safetensors
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PT = {"format": "pt"}
@@ -94,9 +94,7 @@ def safetensors_copy(directory: Path, cache: Path, side_files: list[Path], tied:
             names[shard] = list(state)
             del state
         if len(files) > 1:
-            weight_map = {n: shard for shard, ns in names.items() for n in ns}
-            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            write_index(tmp, {n: shard for shard, ns in names.items() for n in ns}, None)
         for path in [directory / "config.json", *side_files]:
             shutil.copyfile(path, tmp / path.name)
 

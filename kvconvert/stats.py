@@ -61,7 +61,7 @@ class StatsWriter:
             "source": json.dumps(source, sort_keys=True),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = SafetensorsWriter(self.tmp, specs, metadata)
+        self._writer = SafetensorsWriter(self.tmp, specs, metadata, in_given_order=True)  # layers in order
         self._writer.add("n_tokens", torch.tensor([n_tokens], dtype=torch.int64))
         self._next = 0
 

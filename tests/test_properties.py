@@ -126,3 +126,12 @@ def test_statistics_with_a_missing_layer_tensor_are_refused(tmp_path):
     save_file(tensors, tmp_path / "s.safetensors", metadata=meta)
     with pytest.raises(KVConvertError, match=r"lacks layers\.1\.sum_xx"):
         read_all(tmp_path / "s.safetensors")
+
+
+def test_statistics_of_many_layers_round_trip(tmp_path):
+    """Layers are appended in order 0, 1, ..., 11 (not the name order 0, 1, 10, 11, 2, ...)."""
+    stats = small_stats(n_layers=12, hidden=3)
+    stats.save(tmp_path / "s.safetensors")
+    back = CalibrationStats.load(tmp_path / "s.safetensors")
+    assert torch.equal(back.sum_x, stats.sum_x)
+    assert all(torch.equal(back.packed_xx[i], stats.packed_xx[i]) for i in range(12))

@@ -13,19 +13,28 @@ from kvconvert.checkpoint import resolve
 from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
+from kvconvert.stats import CalibrationStats, pack
 from kvconvert.verify import converted_in_memory, layerwise_logits, verify, verify_streamed
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_qwen2, text_a):
-    """A written tiny conversion (tied embeddings, q/k/v biases) and its in-memory counterpart."""
-    out = tmp_path_factory.mktemp("verify") / "out"
-    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, device="cpu")
-    result = run_compress(CompressRequest(model=str(tiny_qwen2), heads="2", output=out, calibration=cal))
+def converted(tmp_path_factory, tiny_qwen2):
+    """A written tiny conversion (tied embeddings, q/k/v biases) and its in-memory counterpart (statistics of
+    random inputs, so no text pipeline is needed)."""
+    root = tmp_path_factory.mktemp("verify")
+    ckpt = resolve(str(tiny_qwen2))
+    hidden, layers = ckpt.config.hidden_size, ckpt.config.num_hidden_layers
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, hidden, generator=gen, dtype=torch.float64) for _ in range(layers)]
+    stats = CalibrationStats(torch.stack([x.sum(0) for x in xs]), [pack(x.T @ x) for x in xs], 64, ckpt.fingerprint())
+    stats.save(root / "stats.safetensors")
+    req = CompressRequest(model=str(tiny_qwen2), heads="2", output=root / "out", stats=root / "stats.safetensors")
+    req.calibration = CalibrationRequest(device="cpu")
+    result = run_compress(req)
     assert result.verify is not None and result.verify.ok
-    return out, Converted(resolve(str(tiny_qwen2)), result.plan)
+    return root / "out", Converted(ckpt, result.plan)
 
 
 @pytest.mark.parametrize("device", DEVICES)

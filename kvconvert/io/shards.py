@@ -60,13 +60,16 @@ def layout(specs: Mapping[str, Spec]) -> list[str]:
     return sorted(specs, key=lambda n: (-ORDER.index(DTYPE_CODES[specs[n][0]]), n))
 
 
-def header_bytes(specs: Mapping[str, Spec], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The 8-byte length and the space-padded JSON header for tensors of `specs`."""
+def header_bytes(
+    specs: Mapping[str, Spec], metadata: Mapping[str, str] | None = None, order: list[str] | None = None
+) -> bytes:
+    """The 8-byte length and the space-padded JSON header for tensors of `specs`, laid out in `order` (default:
+    safetensors' own)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name in layout(specs):
+    for name in order or layout(specs):
         size = nbytes(specs[name])
         dtype, shape = specs[name]
         header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
@@ -83,14 +86,25 @@ def raw_bytes(t: torch.Tensor) -> memoryview:
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file in layout order; `add` each tensor (any order is checked against the header)."""
+    """Writes one safetensors file; `add` each tensor in layout order (checked against the header).
 
-    def __init__(self, path: Path, specs: Mapping[str, Spec], metadata: Mapping[str, str] | None = None):
+    The layout is safetensors' own unless `in_given_order` (then the order of `specs`: still a valid file, read
+    the same by every reader, but not byte-identical to `save_file`).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        specs: Mapping[str, Spec],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        in_given_order: bool = False,
+    ):
         self.path, self.specs = Path(path), dict(specs)
-        self._order = layout(self.specs)
+        self._order = list(self.specs) if in_given_order else layout(self.specs)
         self._next = 0
         self._file = open(self.path, "wb")  # noqa: SIM115  (closed in close()/abort())
-        self._file.write(header_bytes(self.specs, metadata))
+        self._file.write(header_bytes(self.specs, metadata, self._order))
 
     @property
     def pending(self) -> list[str]:
@@ -177,7 +191,12 @@ def write_shards(
         if on_shard is not None:
             on_shard(filename)
     if plan.sharded:
-        meta = {"total_size": written} if total_size else {}
-        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-        (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_index(directory, weight_map, written if total_size else None)
     return written
+
+
+def write_index(directory: Path, weight_map: Mapping[str, str], total_size: int | None) -> None:
+    """`model.safetensors.index.json`: tensor name -> shard file (and the total tensor bytes when known)."""
+    meta = {"total_size": total_size} if total_size is not None else {}
+    index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
