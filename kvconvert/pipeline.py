@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output, write_checkpoint
 from kvconvert.heal import HealRequest, HealResult, run_heal
+from kvconvert.io.staging import scratch_dir
 from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.plan import CompressionPlan
@@ -203,7 +203,7 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     check_source(ckpt, require_tokenizer=not req.allow_missing_tokenizer)
     timings["load"] = time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory(prefix=".kvconvert-stats-", dir=_existing_parent(req.output)) as tmp:
+    with scratch_dir(_existing_parent(req.output), ".kvconvert-stats-") as tmp:
         t0 = time.perf_counter()
         windows = None
         if req.stats is not None:

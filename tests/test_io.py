@@ -202,3 +202,24 @@ def test_concurrent_cache_fills_build_once(tmp_path):
         assert (target / "config.json").read_text() in ("0", "1")
         assert sorted(p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")) == ["entry"]
         os.system(f"rm -rf {target}")
+
+
+def test_scratch_of_a_killed_run_is_swept_but_a_live_one_is_kept(tmp_path):
+    from kvconvert.io.staging import _try_lock, scratch_dir
+
+    dead, live = tmp_path / ".kvconvert-scratch-dead", tmp_path / ".kvconvert-scratch-live"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "big.bin").write_bytes(b"x")
+    code = "import fcntl,os,sys,time; fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT); fcntl.flock(fd,fcntl.LOCK_EX); "
+    code += "print('held',flush=True); time.sleep(30)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(live / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with scratch_dir(tmp_path) as mine:
+            assert mine.exists() and _try_lock(mine / ".lock") is None  # ours is held while we run
+            assert not dead.exists() and live.exists()
+        assert not mine.exists()
+    finally:
+        holder.kill()
+        holder.wait()

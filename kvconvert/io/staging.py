@@ -12,6 +12,7 @@ import fcntl
 import os
 import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -195,3 +196,40 @@ def default_mode(path: Path, *, directory: bool = False) -> None:
     umask = os.umask(0)
     os.umask(umask)
     path.chmod((0o777 if directory else 0o666) & ~umask)
+
+
+@contextmanager
+def scratch_dir(parent: Path, prefix: str = ".kvconvert-scratch-") -> Iterator[Path]:
+    """A private temporary directory in `parent` (for intermediate files too big for /tmp), removed at the end.
+
+    Each holds a `flock` while its run lives; scratch directories whose lock is free belong to killed runs and are
+    removed here first, so a SIGKILL leaves nothing that the next run does not clean.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob(f"{prefix}*"):
+        fd = _try_lock(old / ".lock")
+        if fd is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.close(fd)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = _try_lock(path / ".lock")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding `flock` on `path`, or None when another process holds it (or it cannot be made)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
