@@ -116,7 +116,7 @@ def test_sigkill_during_the_write_then_a_rerun(setup, tmp_path, fault, arg):
     r = faulty(fault, arg, *compress_args(*setup, out), "--overwrite")
     assert r.returncode == -9, r.stderr
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "out"]
-    assert all(name.startswith(".out.kvconvert-") for name in leftovers), leftovers
+    assert all(name.startswith((".out.kvconvert-", ".kvconvert-stats-")) for name in leftovers), leftovers
     if fault != "kill-between-renames":
         assert snapshot(out) == before
     else:  # the old output was set aside: the next run puts it back before anything else
