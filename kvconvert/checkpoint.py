@@ -13,9 +13,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 from kvconvert.errors import KVConvertError
 from kvconvert.families import Family, family_for
-from kvconvert.merge.moments import AttentionWeights
+from kvconvert.io.shards import raw_bytes
 from kvconvert.sources import BUILTINS, builtin_gguf, cache_root, gguf_checkpoint, gguf_license, hub_snapshot
-from kvconvert.tensors import TensorReader
+from kvconvert.tensors import TensorReader, weight_files
+from kvconvert.types import AttentionWeights
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -127,15 +128,23 @@ class Checkpoint:
         )
 
     def fingerprint(self) -> dict:
-        """Family, shapes and a hash of sampled weights: enough to tell statistics of another model apart."""
+        """Family, shapes and a sampled hash of every tensor: enough to tell statistics of another model apart.
+
+        Every tensor's name, dtype and shape, plus four of its rows (first, last and two between; a 0-/1-dim tensor
+        whole), so a model that differs anywhere (a fine-tune of only its MLP or norms) gets another hash, while a
+        70B checkpoint costs a few MB of reads.
+        """
         fam, geom, t = self.family, self.family.geometry(self.config), self.tensors
         h = hashlib.sha256()
-        names = [fam.embed_name] + [fam.tensor_name(i, p) for i in range(geom.num_layers) for p in "qkvo"]
-        for name in names:
-            shape = t.shape(name)
-            h.update(f"{name}{shape}".encode())
-            for start in (0, shape[0] - 1):
-                h.update(t.rows(name, start, start + 1).to(torch.float32).numpy().tobytes())
+        for name in sorted(t.names()):
+            shape, dtype = t.shape(name), t.dtype(name)
+            h.update(f"{name}|{dtype}|{shape}".encode())
+            if len(shape) <= 1:
+                h.update(raw_bytes(t.get(name)))
+                continue
+            for start in sorted({0, shape[0] // 3, 2 * shape[0] // 3, shape[0] - 1}):
+                if 0 <= start < shape[0]:
+                    h.update(raw_bytes(t.rows(name, start, start + 1)))
         return {
             "family": fam.name,
             "architecture": (self.config.architectures or [fam.architectures[0]])[0],
@@ -180,7 +189,7 @@ def _safetensors_dir(path: Path, spec: str, allow_pickle: bool, trust_remote_cod
     """`path` itself, or (pickle checkpoints, when allowed) its cached safetensors copy."""
     from kvconvert.pickled import pickle_weights, safetensors_copy
 
-    if any(path.glob("*.safetensors")) or not pickle_weights(path):
+    if weight_files(path) or not pickle_weights(path):
         return path
     if not allow_pickle:
         raise KVConvertError(

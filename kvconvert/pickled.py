@@ -11,15 +11,16 @@ import hashlib
 import json
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from kvconvert.errors import KVConvertError
+from kvconvert.io.cache import locked_fill
+from kvconvert.io.shards import spec_of, write_index, write_safetensors
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+PT = {"format": "pt"}
 
 
 def pickle_weights(directory: Path) -> list[str]:
@@ -71,35 +72,30 @@ def unshare(state: dict[str, torch.Tensor], drop: set[str]) -> dict[str, torch.T
 
 
 def safetensors_copy(directory: Path, cache: Path, side_files: list[Path], tied: set[str]) -> Path:
-    """A cached safetensors copy of the pickle checkpoint `directory` (built once; keyed by path, sizes, mtimes).
+    """A cached safetensors copy of the pickle checkpoint `directory` (built once, under a lock, by one process).
 
-    `tied` names tensors that may be dropped when they share storage with another (tied output embeddings).
+    Keyed by the path, sizes and mtimes of the weights, config.json and `side_files` (tokenizer, generation files,
+    card), so an edit to any of them makes a new copy. `tied` names tensors that may be dropped when they share
+    storage with another (tied output embeddings).
     """
     files = pickle_weights(directory)
     parts = [str(directory.resolve())]
-    for name in files:
-        st = (directory / name).stat() if (directory / name).exists() else None
-        parts.append(f"{name}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}")
+    for path in [*(directory / name for name in files), directory / "config.json", *side_files]:
+        st = path.stat() if path.exists() else None
+        parts.append(f"{path.name}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}")
     key = hashlib.sha1(";".join(parts).encode()).hexdigest()[:12]
-    target = cache / "pickle" / f"{directory.name}-{key}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        weight_map: dict[str, str] = {}
+
+    def build(tmp: Path) -> None:
+        names: dict[str, list[str]] = {}
         for i, name in enumerate(files):
             shard = "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
             state = unshare(load_pickle_shard(directory / name), tied)
-            save_file(state, str(tmp / shard), metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(state, shard)
+            write_safetensors(tmp / shard, {n: spec_of(t) for n, t in state.items()}, state.__getitem__, PT)
+            names[shard] = list(state)
             del state
         if len(files) > 1:
-            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            write_index(tmp, {n: shard for shard, ns in names.items() for n in ns}, None)
         for path in [directory / "config.json", *side_files]:
             shutil.copyfile(path, tmp / path.name)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return locked_fill(cache / "pickle" / f"{directory.name}-{key}", build)

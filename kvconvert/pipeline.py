@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output, write_checkpoint
 from kvconvert.heal import HealResult, run_heal
+from kvconvert.io.staging import scratch_dir
 from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.plan import CompressionPlan
@@ -29,7 +29,7 @@ from kvconvert.refine import refine
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
 from kvconvert.textdata import windows_digest
-from kvconvert.verify import VerifyResult, converted_in_memory, verify
+from kvconvert.verify import VerifyResult, converted_in_memory, verify, verify_streamed
 
 CalibrationRequest = CalibrateConfig
 """Former name of the calibration config."""
@@ -136,7 +136,7 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     check_source(ckpt, require_tokenizer=not req.allow_missing_tokenizer)
     timings["load"] = time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory(prefix=".kvconvert-stats-", dir=_existing_parent(req.output)) as tmp:
+    with scratch_dir(_existing_parent(req.output), ".kvconvert-stats-") as tmp:
         t0 = time.perf_counter()
         windows = None
         if req.stats is not None:
@@ -193,6 +193,23 @@ def _compress_with_stats(
 
     t0 = time.perf_counter()
     extra = {RECORD: dump_record(record), CARD: model_card(record)}
+    checked: list[VerifyResult] = []
+
+    def check(staged: Path) -> None:
+        """Verify the staged output before it replaces anything: a refused run leaves the old output as it was."""
+        timings["export"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result = verify_streamed(staged, conv, device)
+        if result.ok and req.reload_check:
+            result = verify(staged, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
+        timings["verify"] = time.perf_counter() - t1
+        if not result.ok:
+            raise KVConvertError(
+                f"written output differs from the in-memory conversion (max |Δlogit| {result.max_abs_diff:.3g}); "
+                "nothing was replaced; please report this"
+            )
+        checked.append(result)
+
     write_checkpoint(
         conv,
         req.output,
@@ -200,19 +217,10 @@ def _compress_with_stats(
         max_shard_size=req.max_shard_size,
         overwrite=req.overwrite,
         progress=progress,
+        check=check if req.verify else None,
     )
-    timings["export"] = time.perf_counter() - t0
-
-    result = None
-    if req.verify:
-        t0 = time.perf_counter()
-        result = verify(req.output, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
-        timings["verify"] = time.perf_counter() - t0
-        if not result.ok:
-            raise KVConvertError(
-                f"reloaded output differs from the in-memory conversion (max |Δlogit| {result.max_abs_diff:.3g}); "
-                "please report this"
-            )
+    timings.setdefault("export", time.perf_counter() - t0)
+    result = checked[0] if checked else None
     healed = None
     if req.heal is not None:
         t0 = time.perf_counter()

@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvconvert.errors import KVConvertError
+from kvconvert.io.cache import locked_fill
 
 
 @dataclass(frozen=True)
@@ -84,17 +83,16 @@ def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False)
 
 
 def gguf_checkpoint(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a cached float32 safetensors checkpoint (config, weights, tokenizer)."""
+    """Dequantize a GGUF file once into a cached float32 safetensors checkpoint (config, weights, tokenizer).
+
+    The fill is locked: concurrent processes (torchrun ranks with a cold cache) wait for one to build it.
+    """
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
-    if (target / "config.json").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
         if hasattr(config, "quantization_config"):
@@ -104,7 +102,5 @@ def gguf_checkpoint(gguf: Path) -> Path:
         rebuilt.load_state_dict(loaded.state_dict())
         rebuilt.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return locked_fill(cache_root() / "gguf" / f"{gguf.stem}-{key}", build)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,29 @@ SAFETENSORS_DTYPES = {
 }
 
 
+SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
+NOT_WEIGHTS = ("adapter_model.safetensors",)
+
+
+def weight_files(directory: Path) -> list[str]:
+    """The weight files of a checkpoint without an index: `model.safetensors`, else `model-i-of-n` shards, else
+    every other `*.safetensors` that is neither an adapter nor a kvconvert statistics file."""
+    if (directory / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    shards = sorted(p.name for p in directory.glob("*.safetensors") if SHARD_NAME.fullmatch(p.name))
+    if shards:
+        return shards
+    return [p.name for p in sorted(directory.glob("*.safetensors")) if p.name not in NOT_WEIGHTS and not _stats(p)]
+
+
+def _stats(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "kvconvert-stats"
+    except Exception:  # unreadable: let the reader report it as a damaged shard
+        return False
+
+
 class TensorReader:
     """Lazy access to the tensors of a safetensors checkpoint (single file or sharded with an index).
 
@@ -42,7 +66,7 @@ class TensorReader:
                 raise KVConvertError(f"{index} is not a valid shard index ({exc}); re-download it") from exc
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            files = weight_files(directory)
             if not files:
                 raise KVConvertError(f"no *.safetensors weights in {directory}; point MODEL at a complete checkpoint")
             weight_map = {}

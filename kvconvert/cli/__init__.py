@@ -80,4 +80,7 @@ def main() -> None:
         fail(str(exc))
     except Interrupted:
         fail(INTERRUPTED)
+    except OSError as exc:  # permissions, read-only or full disk, name too long: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        fail(f"{exc.strerror or exc}{where}; nothing was replaced: free space or fix permissions, then run again")
     sys.exit(code if isinstance(code, int) else 0)

@@ -22,12 +22,14 @@ def calibrate(req: CalibrateRequest, json: bool) -> None:
     from kvconvert.pipeline import run_calibration
     from kvconvert.preflight import check_source
     from kvconvert.progress import RichProgress
+    from kvconvert.stats import stats_output
 
     t0 = time.perf_counter()
     with current_part() as part, RichProgress(enabled=part.is_main and not json) as progress:
         ckpt = req.resolve()
         check_source(ckpt, require_tokenizer=False)
-        stats = run_calibration(ckpt, req, req.output, progress, part)
+        with stats_output(req.output, req.overwrite, inputs=[ckpt.path], writer=part.is_main):
+            stats = run_calibration(ckpt, req, req.output, progress, part)
     if part.is_main:
         secs = time.perf_counter() - t0
         summary = {"output": str(req.output), "tokens": stats.n_tokens, "layers": stats.num_layers}

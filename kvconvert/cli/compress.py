@@ -86,7 +86,7 @@ def report(result) -> None:
         f"mean retained energy: keys {retained['key']:.3f}, values {retained['value']:.3f}"
     )
     if s["verify"]:
-        console.print(f"verified: stock reload matches (max |Δlogit| {s['verify']['max_abs_diff']:.2e})")
+        console.print(f"verified: written output matches (max |Δlogit| {s['verify']['max_abs_diff']:.2e})")
     if s["heal"]:
         h = s["heal"]
         console.print(f"healed in place: {h['tokens']} tokens ({h['train']}), final KL {h['final_loss']:.4f}")

@@ -97,6 +97,7 @@ class CalibrateRequest(SourceConfig, CalibrateConfig):
     """A whole `kvconvert calibrate` run: the model, the text, and the statistics file to write."""
 
     output: Path = output_field("FILE")
+    overwrite: bool = overwrite_field("Replace an existing statistics file.")
 
 
 class RefineConfig(StageConfig):
@@ -118,7 +119,12 @@ class CompressConfig(StageConfig):
     method: Method = setting(registry.DEFAULT, "Merge method.", MERGE)
     grouping: Grouping = setting("search", "Head grouping.", MERGE)
     refine: RefineConfig = Field(default_factory=RefineConfig)
-    verify: bool = setting(True, "Reload the output with stock transformers and compare logits.", SAFETY)
+    verify: bool = setting(
+        True, "Check the written output (tensors, layer-wise logits) before it replaces anything.", SAFETY
+    )
+    reload_check: bool = setting(
+        False, "Also reload the whole output with stock transformers (two fp32 model copies).", SAFETY
+    )
     max_shard_size: str = max_shard_size_field()
     allow_missing_tokenizer: bool = setting(False, "Write the output even if MODEL has no tokenizer files.", SAFETY)
 

@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from kvconvert.errors import KVConvertError
+from kvconvert.io.shards import spec_of, write_safetensors
+from kvconvert.io.staging import staged, swap_into_place, temporary_of
 
 LATEST = "latest"
 META = "heal-state.json"
@@ -24,9 +26,10 @@ def default_state_dir(output: Path) -> Path:
 
 def save_windows(state_dir: Path, windows: torch.Tensor, sources: list[dict]) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{WINDOWS}.tmp"
-    save_file({"windows": windows.to(torch.int64).contiguous()}, str(tmp), metadata={"sources": json.dumps(sources)})
-    tmp.replace(state_dir / WINDOWS)
+    data = windows.to(torch.int64).contiguous()
+    with staged(state_dir / WINDOWS, overwrite=True, directory=False, locked=False) as tmp:
+        meta = {"sources": json.dumps(sources)}
+        write_safetensors(tmp, {"windows": spec_of(data)}, {"windows": data}.__getitem__, meta)
 
 
 def load_windows(state_dir: Path) -> tuple[torch.Tensor, list[dict]]:
@@ -52,7 +55,7 @@ def start_fresh(state_dir: Path, overwrite: bool) -> None:
 
 def save_state(accelerator, state_dir: Path, step: int, settings: dict) -> None:
     """Write the state after `step` steps into a temporary directory, then swap it in as `latest` (all ranks call)."""
-    tmp, latest = state_dir / f".{LATEST}.tmp", state_dir / LATEST
+    tmp, latest = temporary_of(state_dir / LATEST), state_dir / LATEST
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -60,12 +63,7 @@ def save_state(accelerator, state_dir: Path, step: int, settings: dict) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / META).write_text(json.dumps({"step": step, "settings": settings}, indent=2, sort_keys=True) + "\n")
-        old = state_dir / f".{LATEST}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if latest.exists():
-            latest.rename(old)
-        tmp.rename(latest)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, latest)
     accelerator.wait_for_everyone()
 
 

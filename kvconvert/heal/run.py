@@ -148,20 +148,24 @@ def run_heal(
     model = merged(result.model)
     tensors = student_tensors(model, student_ckpt)
     record = heal_record(student_ckpt, req, settings, sources, result)
-    write_healed(tensors, student_ckpt, req.output, record, max_shard_size=req.max_shard_size)
-    checked = None
-    if req.verify:
+    checked: list = []
+
+    def check(staged: Path) -> None:  # before the healed output replaces anything
         model.load_state_dict(tensors, strict=False)  # the written (possibly lower-precision) values
-        checked = verify(req.output, model)
-        if not checked.ok:
+        checked.append(verify(staged, model))
+        if not checked[0].ok:
             raise KVConvertError(
-                f"reloaded healed output differs from the trained model (max |Δlogit| {checked.max_abs_diff:.3g}); "
-                "please report this"
+                f"reloaded healed output differs from the trained model (max |Δlogit| {checked[0].max_abs_diff:.3g}); "
+                "nothing was replaced; please report this"
             )
+
+    size = req.max_shard_size
+    write_healed(tensors, student_ckpt, req.output, record, max_shard_size=size, check=check if req.verify else None)
+    verified = checked[0] if checked else None
     if not req.keep_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return HealResult(req.output, record, checked, time.perf_counter() - t_start)
+    return HealResult(req.output, record, verified, time.perf_counter() - t_start)
 
 
 def heal_record(student: Checkpoint, req: HealRequest, settings: dict, sources, result) -> dict:

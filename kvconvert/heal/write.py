@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from huggingface_hub import save_torch_state_dict
 
 from kvconvert.card import model_card
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.errors import KVConvertError
-from kvconvert.export import _swap_into_place
+from kvconvert.io.shards import ShardPlan, spec_of, write_shards
+from kvconvert.io.staging import staged
 
 
 def student_tensors(model, student: Checkpoint) -> dict[str, torch.Tensor]:
@@ -39,16 +40,16 @@ def write_healed(
     record: dict,
     *,
     max_shard_size: int | str = "5GB",
+    check: Callable[[Path], None] | None = None,
 ) -> None:
     """Write `tensors` + the student's config, tokenizer and generation files + kvconvert.json (+ card) atomically.
 
-    Everything goes into a temporary sibling renamed over `output` at the end, so `output` may be the student.
+    Everything goes into a staging sibling, checked by `check(staging_dir)`, then renamed over `output` (which may
+    be the student: the caller has decided it may be replaced).
     """
-    tmp = output.parent / f".{output.name}.kvconvert-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_torch_state_dict(tensors, tmp, max_shard_size=max_shard_size)
+    specs = {name: spec_of(t) for name, t in tensors.items()}
+    with staged(output, overwrite=True) as tmp:
+        write_shards(tmp, specs, tensors.__getitem__, ShardPlan.split(specs, max_shard_size))
         for path in (student.path / "config.json", *student.side_files()):
             shutil.copyfile(path, tmp / path.name)
         (tmp / "kvconvert.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -56,7 +57,5 @@ def write_healed(
             (tmp / "README.md").write_text(model_card(record))
         elif (student.path / "README.md").exists():
             shutil.copyfile(student.path / "README.md", tmp / "README.md")
-        _swap_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if check is not None:
+            check(tmp)

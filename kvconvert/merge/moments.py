@@ -8,19 +8,7 @@ import torch
 
 from kvconvert.families import AttentionGeometry
 from kvconvert.merge import rope
-
-
-@dataclass(frozen=True)
-class AttentionWeights:
-    """One layer's attention projections as stored (out_features, in_features); biases optional."""
-
-    q_weight: torch.Tensor
-    k_weight: torch.Tensor
-    v_weight: torch.Tensor
-    o_weight: torch.Tensor
-    q_bias: torch.Tensor | None = None
-    k_bias: torch.Tensor | None = None
-    v_bias: torch.Tensor | None = None
+from kvconvert.types import AttentionWeights
 
 
 @dataclass(frozen=True)
