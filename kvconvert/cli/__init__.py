@@ -22,7 +22,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kvconvert.cli import calibrate, compress, evaluate, heal, push, run  # noqa: F401  (commands register on import)
+    from kvconvert.cli import calibrate, compress, evaluate, heal, profile, push, run  # noqa: F401  (commands register on import)
 
 
 def _quiet_libraries() -> None:

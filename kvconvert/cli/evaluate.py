@@ -42,12 +42,19 @@ def eval_command(
     new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="Tokens generated per runtime measurement."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runtime repeats (median, after one warm-up)."),
     runtime_batch: int = typer.Option(1, "--runtime-batch", min=1, help="Sequences per runtime measurement."),
+    cache: str = typer.Option(
+        None, "--cache", help="Evaluate through a cache runtime, e.g. razor[:PROFILE] (vs the full cache)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     card: bool = typer.Option(
         True, "--card/--no-card", help="Record the perplexities in MODEL's kvconvert.json and model card."
     ),
 ) -> None:
     """Perplexity, KV-cache bytes and (with --contexts) decode speed and peak memory of MODEL vs --baseline."""
+    if cache:
+        return _eval_cache(
+            model, cache, dataset, samples, seq_len, seed, device, dtype, _contexts(contexts), new_tokens
+        )
     kwargs = dict(baseline=baseline, dataset=dataset, samples=samples, seq_len=seq_len, batch_size=batch_size)
     kwargs |= dict(seed=seed, device=device, dtype=dtype, contexts=_contexts(contexts))
     kwargs |= dict(new_tokens=new_tokens, repeats=repeats, runtime_batch=runtime_batch)
@@ -60,6 +67,19 @@ def eval_command(
         render(result)
     if card and (path := record_evaluation(model, result, baseline)):
         print(f"recorded in {path}", file=sys.stderr)
+
+
+def _eval_cache(model, spec, dataset, samples, seq_len, seed, device, dtype, contexts, new_tokens) -> None:
+    """`--cache`: perplexity, passkey and decode speed through the runtime vs the full cache, as JSON."""
+    from kvconvert.checkpoint import resolve
+    from kvconvert.evaluation.cached import evaluate_cache
+    from kvconvert.evaluation.perplexity import eval_windows
+    from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    ckpt, dev = resolve(model), resolve_device(device)
+    lm, tok = load_model(ckpt, dev, resolve_dtype(dtype, dev)), load_tokenizer(ckpt)
+    windows = eval_windows(lm, tok, dataset, samples, seq_len, seed, 1)
+    print(json.dumps(evaluate_cache(lm, tok, spec, windows, contexts, new_tokens=new_tokens), indent=2))
 
 
 def _mib(n: float) -> str:
