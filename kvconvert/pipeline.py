@@ -75,6 +75,8 @@ class CompressRequest:
     """Hub revision of `model`."""
     heal: HealRequest | None = None
     """Heal the written output in place right after the merge (student = output, teacher = model)."""
+    protect_retrieval: Path | None = None
+    """A RazorAttention profile: keep its retrieval KV heads apart and weight their merge error (decompose)."""
 
 
 @dataclass
@@ -171,6 +173,7 @@ def plan_compression(
     grouping: str,
     device: torch.device,
     progress: Progress | None = None,
+    protected: list[list[int]] | None = None,
 ) -> CompressionPlan:
     geom = ckpt.family.geometry(ckpt.config)
     coherence = pair_coherence(rope_theta(ckpt.config), geom.rotary_dim, ROPE_HORIZON)
@@ -185,6 +188,7 @@ def plan_compression(
         coherence=coherence,
         device=device if device.type == "cuda" else "cpu",
         on_layer=lambda _: advance(),
+        protected=protected,
     )
 
 
@@ -234,7 +238,12 @@ def _compress_with_stats(
 ) -> CompressResult:
     t0 = time.perf_counter()
     device = resolve_device(req.calibration.device)
-    plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress)
+    protected = None
+    if req.protect_retrieval:
+        from kvconvert.razor.store import load_profile
+
+        protected = load_profile(req.protect_retrieval)["retrieval"]
+    plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress, protected)
     timings["decompose"] = time.perf_counter() - t0
 
     conv = Converted(ckpt, plan)

@@ -69,3 +69,22 @@ def test_profile_cli_attach_keeps_stock_loading(tmp_path, tiny_llama):
     for spec in ("razor", f"razor:{out}", f"razor:{ckpt}"):
         rt = runtime_for(spec, model)
         assert [list(r) for r in rt.policy.retrieval] == profile["retrieval"]
+
+
+def test_protect_retrieval_keeps_retrieval_heads_apart(tmp_path, tiny_llama, text_a):
+    """Protect the pairs the unprotected search merges: the protected search must split every one of them."""
+    from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
+    from kvconvert.razor.store import SCHEMA
+
+    calibration = CalibrationRequest(str(text_a), 4, 32, 2, 0, None, "cpu", "float32", None)
+
+    def plan(protect=None, name="a"):
+        req = CompressRequest(str(tiny_llama), "2", tmp_path / name, calibration=calibration, verify=False)
+        req.protect_retrieval = protect
+        return run_compress(req).plan
+
+    pairs = [sorted(layer.heads[0].kv_heads) for layer in plan().layers]
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({"schema": SCHEMA, "retrieval": pairs}))
+    for layer, pair in zip(plan(profile, "b").layers, pairs, strict=True):
+        assert all(not set(pair) <= set(head.kv_heads) for head in layer.heads)

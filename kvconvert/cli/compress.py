@@ -49,6 +49,9 @@ def compress(
     heal_tokens: int = typer.Option(
         None, "--heal-tokens", min=1, help="Then heal the output with N tokens (`kvconvert heal` defaults)."
     ),
+    protect_retrieval: str = typer.Option(
+        None, "--protect-retrieval", help="A `kvconvert profile` JSON: keep retrieval heads apart in the grouping."
+    ),
     allow_pickle: bool = options.AllowPickle,
     trust_remote_code: bool = options.TrustRemoteCode,
     allow_missing_tokenizer: bool = typer.Option(
@@ -79,6 +82,7 @@ def compress(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         allow_missing_tokenizer=allow_missing_tokenizer,
+        protect_retrieval=options.path_or_none(protect_retrieval),
     )
     if heal_tokens:
         req.heal = HealRequest(
