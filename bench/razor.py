@@ -21,9 +21,9 @@ from kvconvert.evaluation.longcontext import greedy, nll, passkey_prompt, ppl, p
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
 
 
-def methods(model, retrieval: list[list[int]], rule: dict, seed: int = 0) -> dict:
+def methods(model, retrieval: list[list[int]], rule: dict, full_layers: list[int], seed: int = 0) -> dict:
     """name -> RazorRuntime, all at the same sink/window rule."""
-    n_kv = len(retrieval[0]) if False else model.config.num_key_value_heads
+    n_kv = model.config.num_key_value_heads
     layers = len(retrieval)
     rng = random.Random(seed)
     cells = [(i, h) for i in range(layers) for h in range(n_kv)]
@@ -35,6 +35,9 @@ def methods(model, retrieval: list[list[int]], rule: dict, seed: int = 0) -> dic
         "windowed": ([[]] * layers, rule | {"compensation": False}),
         "random": (rand, rule),
     }
+    if full_layers:  # diagnostic: the profile plus every head of these layers
+        plus = [list(range(n_kv)) if i in full_layers else r for i, r in enumerate(retrieval)]
+        specs[f"razor+L{full_layers[0]}-{full_layers[-1]}"] = (plus, rule)
     return {name: runtime_from_policy(model, policy_for(model, r, **kw)) for name, (r, kw) in specs.items()}
 
 
@@ -47,7 +50,9 @@ def run(args) -> dict:
     model, tok = load_model(ckpt, torch.device("cpu"), torch.float32), load_tokenizer(ckpt)
     profile = load_profile(args.profile)
     rule = {"sinks": args.sinks, "window_floor": args.window_floor, "window_fraction": args.window_fraction}
-    runtimes = methods(model, profile["retrieval"], rule)
+    runtimes = methods(model, profile["retrieval"], rule, args.full_layers)
+    if args.methods:
+        runtimes = {k: v for k, v in runtimes.items() if k in args.methods}
     next(iter(runtimes.values())).attach(model)
     rng = random.Random(0)
     rows = []
@@ -77,7 +82,15 @@ def run(args) -> dict:
         ids = tok(Path(args.ppl_text).read_text(), return_tensors="pt").input_ids[:, : args.ppl_tokens]
         for name, rt in runtimes.items():
             cache = rt.new_cache()
+            t0 = time.process_time()
             total, count = nll(prefill(model, ids, cache, args.chunk), ids, args.ppl_skip)
+            prefill_cpu = time.process_time() - t0
+            held = cache.storage_bytes()
+            nxt, t0, w0 = ids[:, -1:], time.process_time(), time.perf_counter()
+            with torch.no_grad():
+                for _ in range(args.decode_tokens):
+                    nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            decode_cpu, decode_wall = time.process_time() - t0, time.perf_counter() - w0
             rows.append(
                 {
                     "task": "perplexity",
@@ -85,12 +98,22 @@ def run(args) -> dict:
                     "method": name,
                     "perplexity": ppl(total, count),
                     "kv_bytes": rt.kv_bytes(ids.shape[1]),
-                    "measured_bytes": cache.storage_bytes(),
+                    "measured_bytes": held,
                     "full_bytes": rt.policy.full_kv_bytes(ids.shape[1], 1, 4),
+                    "prefill_cpu_s": prefill_cpu,
+                    "decode_cpu_s_per_token": decode_cpu / args.decode_tokens,
+                    "decode_wall_s_per_token": decode_wall / args.decode_tokens,
+                    "bytes_after_decode": cache.storage_bytes(),
+                    "computed_after_decode": rt.kv_bytes(ids.shape[1] + args.decode_tokens),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
     return {"model": args.model, "profile": args.profile, "rule": rule, "chunk": args.chunk, "rows": rows}
+
+
+def _span(text: str) -> list[int]:
+    a, b = map(int, text.split("-"))
+    return list(range(a, b + 1))
 
 
 def main() -> None:
@@ -108,6 +131,9 @@ def main() -> None:
     ap.add_argument("--ppl-text", default="")
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--ppl-skip", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=[])
     ap.add_argument("--json", required=True, help="Write the raw rows here.")
     args = ap.parse_args()
     Path(args.json).write_text(json.dumps(run(args), indent=1))
