@@ -119,7 +119,7 @@ def _span(text: str) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--profile", required=True)
+    ap.add_argument("--profile", default="")
     ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096])
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.8])
     ap.add_argument("--trials", type=int, default=1)
@@ -134,9 +134,60 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=[])
-    ap.add_argument("--json", required=True, help="Write the raw rows here.")
+    ap.add_argument(
+        "--json", required=True, help="Write the raw rows here (with --render: read these, comma-separated)."
+    )
+    ap.add_argument("--render", action="store_true", help="Print markdown tables of existing --json files.")
     args = ap.parse_args()
+    if args.render:
+        print(render([json.loads(Path(p).read_text()) for p in args.json.split(",")]))
+        return
     Path(args.json).write_text(json.dumps(run(args), indent=1))
+
+
+def render(results: list[dict]) -> str:
+    """Markdown tables of one or more `--json` outputs."""
+    out = []
+    for res in results:
+        rows, rule = res["rows"], res["rule"]
+        out.append(f"### {res['model']} (profile `{Path(res['profile']).name}`, chunk {res['chunk']}, {rule})\n")
+        pk = [r for r in rows if r["task"] == "passkey"]
+        if pk:
+            names = list(dict.fromkeys(r["method"] for r in pk))
+            out.append("| context | depth | " + " | ".join(names) + " |")
+            out.append("|---|---|" + "---|" * len(names))
+            for ctx, depth in dict.fromkeys((r["context"], r["depth"]) for r in pk):
+                cells = []
+                for n in names:
+                    r = next((x for x in pk if (x["context"], x["depth"], x["method"]) == (ctx, depth, n)), None)
+                    if r is None:
+                        cells.append("–")
+                        continue
+                    cells.append(f"{'✓' if r['correct'] else '✗'} ({r['kv_bytes'] / r['full_bytes']:.2f}x KV)")
+                out.append(f"| {ctx} | {depth} | " + " | ".join(cells) + " |")
+            acc = {
+                n: sum(r["correct"] for r in pk if r["method"] == n) / sum(r["method"] == n for r in pk) for n in names
+            }
+            out.append("| **accuracy** | | " + " | ".join(f"**{acc[n]:.0%}**" for n in names) + " |\n")
+        pp = [r for r in rows if r["task"] == "perplexity"]
+        if pp:
+            full = next((r for r in pp if r["method"] == "full"), pp[0])
+            out.append(
+                "| method | tokens | perplexity | vs full | KV MiB held (computed) | KV vs full "
+                "| decode CPU ms/token | held after decode = computed |"
+            )
+            out.append("|---|---|---|---|---|---|---|---|")
+            for r in pp:
+                out.append(
+                    f"| {r['method']} | {r['context']} | {r['perplexity']:.3f} "
+                    f"| {r['perplexity'] / full['perplexity']:.3f}x "
+                    f"| {r['measured_bytes'] / 2**20:.1f} ({r['kv_bytes'] / 2**20:.1f}) "
+                    f"| {r['full_bytes'] / max(r['kv_bytes'], 1):.2f}x less "
+                    f"| {1000 * r.get('decode_cpu_s_per_token', float('nan')):.0f} "
+                    f"| {r.get('bytes_after_decode') == r.get('computed_after_decode')} |"
+                )
+            out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
