@@ -88,3 +88,22 @@ def test_protect_retrieval_keeps_retrieval_heads_apart(tmp_path, tiny_llama, tex
     profile.write_text(json.dumps({"schema": SCHEMA, "retrieval": pairs}))
     for layer, pair in zip(plan(profile, "b").layers, pairs, strict=True):
         assert all(not set(pair) <= set(head.kv_heads) for head in layer.heads)
+
+
+def test_eval_cache_reports_held_bytes_equal_to_computed(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvconvert.evaluation.cached import evaluate_cache
+    from kvconvert.razor.store import SCHEMA
+
+    profile = tmp_path / "p.json"
+    runtime = {"sinks": 2, "window_floor": 16, "window_fraction": 0.0, "compensation": True}
+    profile.write_text(json.dumps({"schema": SCHEMA, "retrieval": [[0], [1, 2]], "runtime": runtime}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    windows = torch.randint(5, 300, (2, 64), generator=torch.Generator().manual_seed(0))
+    report = evaluate_cache(model, tok, f"razor:{profile}", windows, [120], chunk=32, new_tokens=4)
+    razor = report["methods"][f"razor:{profile}"]
+    assert razor["contexts"]["120"]["cache_bytes"] == razor["contexts"]["120"]["computed_bytes"]
+    assert razor["contexts"]["120"]["cache_bytes"] < report["methods"]["full"]["contexts"]["120"]["cache_bytes"]
+    assert razor["perplexity"] != report["methods"]["full"]["perplexity"]  # the window (16) is shorter than 64
