@@ -139,6 +139,20 @@ class Evaluate(Section):
         return _one_of(v, ("auto", *DTYPES), "dtype")
 
 
+class Profile(Section):
+    """Profile the output's retrieval heads and attach the profile to it (see `kvconvert profile`)."""
+
+    block: int = Field(512, ge=16)
+    repeats: int = Field(4, ge=2)
+    seeds: int = Field(3, ge=1)
+    induction: float = Field(0.14, ge=0, le=1)
+    echo: float = Field(0.01, ge=0, le=1)
+    sinks: int = Field(4, ge=0)
+    window_floor: int = Field(256, ge=1)
+    window_fraction: float = Field(0.1, ge=0, le=1)
+    device: str = "auto"
+
+
 class Push(Section):
     repo_id: str
     private: bool = False
@@ -159,6 +173,7 @@ class Recipe(Section):
     compress: Compress
     heal: Heal | None = None
     eval: Evaluate | None = None
+    profile: Profile | None = None
     push: Push | None = None
 
 

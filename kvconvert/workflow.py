@@ -155,6 +155,17 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
         result.evaluation = report
         timings["eval"] = time.perf_counter() - t0
 
+    if recipe.profile:  # RazorAttention profile of the output, attached to it
+        from kvconvert.razor.run import ProfileRequest, run_profile
+
+        f, t0 = recipe.profile, time.perf_counter()
+        preq = ProfileRequest(
+            str(recipe.output), f.block, f.repeats, tuple(range(f.seeds)), f.induction, f.echo, f.device
+        )
+        rule = {"sinks": f.sinks, "window_floor": f.window_floor, "window_fraction": f.window_fraction}
+        run_profile(preq, recipe.output / "razor_profile.json", rule | {"compensation": True}, attach=True)
+        timings["profile"] = time.perf_counter() - t0
+
     if recipe.push:
         p = recipe.push
         t0 = time.perf_counter()

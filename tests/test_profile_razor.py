@@ -107,3 +107,11 @@ def test_eval_cache_reports_held_bytes_equal_to_computed(tmp_path, tiny_llama):
     assert razor["contexts"]["120"]["cache_bytes"] == razor["contexts"]["120"]["computed_bytes"]
     assert razor["contexts"]["120"]["cache_bytes"] < report["methods"]["full"]["contexts"]["120"]["cache_bytes"]
     assert razor["perplexity"] != report["methods"]["full"]["perplexity"]  # the window (16) is shorter than 64
+
+
+def test_recipe_profile_section():
+    from kvconvert.recipe import Recipe
+
+    r = Recipe.model_validate({"model": "m", "output": "o", "compress": {"heads": 1}, "profile": {"block": 256}})
+    assert r.profile.block == 256 and r.profile.induction == 0.14
+    assert Recipe.model_validate({"model": "m", "output": "o", "compress": {"heads": 1}}).profile is None
