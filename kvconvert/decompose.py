@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import get_args
 
@@ -77,8 +77,10 @@ def plan_layer(
     method: str,
     grouping: str,
     coherence: torch.Tensor,
+    protected: frozenset[int] = frozenset(),
 ) -> LayerPlan:
-    """Choose the groups (per `grouping`) and merge each with `method`."""
+    """Choose the groups (per `grouping`) and merge each with `method`. With `protected` (retrieval KV heads of a
+    RazorAttention profile), the search weights a group's cost by 1 + its retrieval heads, x1000 past one."""
     m = registry.get(method)
     n_kv, n_rep = geom.num_kv_heads, geom.n_rep
     sqrt_cache: dict = {}
@@ -114,8 +116,15 @@ def plan_layer(
         key_total = sum(s[1] for s in scored) or 1.0
         value_total = sum(s[3] for s in scored) or 1.0
 
+        def role(g) -> float:
+            n = len(protected.intersection(g))
+            return (1 + n) * (1000.0 if n > 1 else 1.0)
+
         def costs(groups):
-            return [kl / key_total + vl / value_total for kl, _, vl, _ in table(groups)]
+            return [
+                (kl / key_total + vl / value_total) * role(g)
+                for g, (kl, _, vl, _) in zip(groups, table(groups), strict=True)
+            ]
 
         assignment = [queries_of(g) for g in grp.search_groups(n_kv, n_kv // n_new, costs)]
     else:
@@ -141,6 +150,7 @@ def decompose(
     coherence: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     on_layer: Callable[[int], None] | None = None,
+    protected: Sequence[Iterable[int]] | None = None,
 ) -> CompressionPlan:
     """Plan every layer. `moments_of(layer)` gives (E[x xᵀ], E[x]) of the attention input in float64."""
     registry.get(method)  # unknown -> ValueError naming the methods
@@ -158,7 +168,8 @@ def decompose(
         for layer in range(geom.num_layers):
             second, mean = moments_of(layer)
             lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
-            pending[pool.submit(plan_layer, lm, geom, n_new, method, grouping, coherence)] = layer
+            keep = frozenset(protected[layer]) if protected else frozenset()
+            pending[pool.submit(plan_layer, lm, geom, n_new, method, grouping, coherence, keep)] = layer
             del lm, second, mean
             if len(pending) >= 2 * workers:
                 _collect(pending, layers, on_layer, wait_all=False)

@@ -108,6 +108,7 @@ def plan_compression(
     grouping: str,
     device: torch.device,
     progress: Progress | None = None,
+    protected: list[list[int]] | None = None,
 ) -> CompressionPlan:
     geom = ckpt.family.geometry(ckpt.config)
     coherence = pair_coherence(rope_theta(ckpt.config), geom.rotary_dim, ROPE_HORIZON)
@@ -122,6 +123,7 @@ def plan_compression(
         coherence=coherence,
         device=device if device.type == "cuda" else "cpu",
         on_layer=lambda _: advance(),
+        protected=protected,
     )
 
 
@@ -169,7 +171,12 @@ def _compress_with_stats(
 ) -> CompressResult:
     t0 = time.perf_counter()
     device = resolve_device(req.calibration.device)
-    plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress)
+    protected = None
+    if req.protect_retrieval:
+        from kvconvert.razor.store import load_profile
+
+        protected = load_profile(req.protect_retrieval)["retrieval"]
+    plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress, protected)
     timings["decompose"] = time.perf_counter() - t0
 
     conv = Converted(ckpt, plan)

@@ -23,6 +23,7 @@ from kvconvert.config import (
     SourceConfig,
 )
 from kvconvert.config.matryoshka import MatryoshkaConfig
+from kvconvert.config.profile import ProfileConfig
 from kvconvert.errors import KVConvertError
 
 
@@ -35,7 +36,7 @@ class Calibrate(CalibrateConfig):
 
 # Former names of the sections (each is now the stage's own config).
 Refine, Compress, Heal, Evaluate, Push = RefineConfig, CompressConfig, HealConfig, EvalConfig, PushConfig
-Matryoshka = MatryoshkaConfig
+Matryoshka, Profile = MatryoshkaConfig, ProfileConfig
 
 
 class Recipe(SourceConfig):
@@ -49,6 +50,7 @@ class Recipe(SourceConfig):
     heal: HealConfig | None = None
     matryoshka: MatryoshkaConfig | None = None
     eval: EvalConfig | None = None
+    profile: ProfileConfig | None = None
     push: PushConfig | None = None
 
 

@@ -100,7 +100,7 @@ def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict:
     """`kvconvert eval` per `req`: the report of `kvconvert.evaluation.evaluate`."""
     from kvconvert.evaluation import evaluate
 
-    return evaluate(req.model, **req.model_dump(exclude={"model"}), progress=progress)
+    return evaluate(req.model, **req.model_dump(exclude={"model", "cache"}), progress=progress)
 
 
 def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult:
@@ -143,6 +143,14 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
         update_record(recipe.output, evaluation=evaluation_section(report, recipe.model))
         result.evaluation = report
         timings["eval"] = time.perf_counter() - t0
+
+    if recipe.profile:  # RazorAttention profile of the output, attached to it
+        from kvconvert.razor.run import request_from_config, run_profile
+
+        f, t0 = recipe.profile, time.perf_counter()
+        preq = request_from_config(f, str(recipe.output))
+        run_profile(preq, recipe.output / "razor_profile.json", f.runtime_rule(), attach=True)
+        timings["profile"] = time.perf_counter() - t0
 
     if recipe.push:
         t0 = time.perf_counter()

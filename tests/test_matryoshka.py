@@ -238,3 +238,28 @@ def test_left_padded_batch_generate_at_full_rate_matches_stock(tiny):
     out = model.generate(ids, past_key_values=rt.new_cache(model, 2), **kwargs)
     assert torch.equal(ref.sequences, out.sequences)
     assert max(float((a - b).abs().max()) for a, b in zip(ref.scores, out.scores, strict=True)) < 1e-4
+
+
+@torch.no_grad()
+def test_eval_cache_matryoshka_cuts_against_the_models_own_full_attention(tiny, tmp_path):
+    """`eval --cache matryoshka:DIR` goes through the runtime registry; its `full` row is the stock model (the
+    runtime's attention function cuts on any cache, so the baseline must switch back to the model's own)."""
+    import math
+    import shutil
+
+    from kvconvert.evaluation.cached import evaluate_cache
+    from kvconvert.runtime import RUNTIMES
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny, out)
+    proj = random_projections(1)
+    cut = Projections(proj.key_basis, proj.value_basis, MIXED_K, MIXED_V)
+    save_projections(out / "matryoshka.safetensors", cut, {"budget": 0.5})
+    assert "matryoshka" in RUNTIMES
+    model, windows, spec = fresh(out), ids_for(fresh(out), 2, 12), f"matryoshka:{out}"
+    report = evaluate_cache(model, load_tokenizer(str(out)), spec, windows, [], chunk=4)
+    stock = fresh(out)
+    logits = stock(windows).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+    assert report["methods"]["full"]["perplexity"] == pytest.approx(math.exp(float(ce)), rel=1e-4)
+    assert abs(report["methods"][spec]["perplexity"] - report["methods"]["full"]["perplexity"]) > 1e-3

@@ -31,7 +31,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kvconvert.cli import calibrate, compress, evaluate, heal, matryoshka, push, run  # noqa: F401  (commands register on import)
+    from kvconvert.cli import calibrate, compress, evaluate, heal, matryoshka, profile, push, run  # noqa: F401  (commands register on import)
 
 
 def quiet_libraries() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as json_module
 import sys
 
 from kvconvert.cli import app
@@ -26,6 +27,8 @@ def eval_command(req: EvalRequest, json: bool, card: bool) -> None:
     from kvconvert.progress import RichProgress
     from kvconvert.workflow import run_eval
 
+    if req.cache:
+        return _eval_cache(req)
     with RichProgress(enabled=not json) as progress:
         result = run_eval(req, progress)
     emit("eval", result, json)
@@ -33,6 +36,20 @@ def eval_command(req: EvalRequest, json: bool, card: bool) -> None:
         render(result)
     if card and (path := record_evaluation(req.model, result, req.baseline)):
         print(f"recorded in {path}", file=sys.stderr)
+
+
+def _eval_cache(req) -> None:
+    """`--cache`: perplexity, passkey and decode speed through the runtime vs the full cache, as JSON."""
+    from kvconvert.checkpoint import resolve
+    from kvconvert.evaluation.cached import evaluate_cache
+    from kvconvert.evaluation.perplexity import eval_windows
+    from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    ckpt, dev = resolve(req.model), resolve_device(req.device)
+    lm, tok = load_model(ckpt, dev, resolve_dtype(req.dtype, dev)), load_tokenizer(ckpt)
+    windows = eval_windows(lm, tok, req.dataset, req.samples, req.seq_len, req.seed, 1)
+    report = evaluate_cache(lm, tok, req.cache, windows, req.contexts, new_tokens=req.new_tokens)
+    print(json_module.dumps(report, indent=2))
 
 
 def _mib(n: float) -> str:

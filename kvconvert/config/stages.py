@@ -198,6 +198,9 @@ class CompressRequest(SourceConfig, CompressConfig):
     stats: Path | None = setting(
         None, "Statistics from `kvconvert calibrate` (else calibrate now).", CALIBRATION, metavar="FILE"
     )
+    protect_retrieval: Path | None = setting(
+        None, "A `kvconvert profile` JSON: keep its retrieval heads apart in the grouping.", MERGE, metavar="FILE"
+    )
     calibration: CalibrateConfig = Field(default_factory=CalibrateConfig)
     heal: HealRequest | None = None
     """Heal the written output in place right after the merge (student = output, teacher = model)."""
@@ -231,6 +234,12 @@ class EvalRequest(EvalConfig):
     new_tokens: int = setting(32, "Tokens generated per runtime measurement.", "Runtime", ge=2)
     repeats: int = setting(3, "Runtime repeats (median, after one warm-up).", "Runtime", ge=1)
     runtime_batch: int = setting(1, "Sequences per runtime measurement.", "Runtime", ge=1)
+    cache: str | None = setting(
+        None,
+        "Evaluate through a cache runtime, e.g. razor[:PROFILE] or matryoshka:DIR (vs the full cache), as JSON.",
+        "Runtime",
+        metavar="KIND[:ARG]",
+    )
 
     @field_validator("contexts", mode="before")
     @classmethod

@@ -1,0 +1,194 @@
+"""RazorAttention benchmark: passkey retrieval, long-text perplexity and KV bytes, through stock models.
+
+    PYTHONPATH=. python -m bench.razor --model smollm2 --profile PROFILE.json --contexts 2048,4096 --depths 0.2,0.8
+
+Methods (same chunked prefill, same decode loop): full (every token), razor (profile's retrieval heads full,
+others sink + window + compensation), windowed (StreamingLLM: every head sink + window, no compensation) and
+random (as many retrieval heads as razor, chosen at random). Prints a table and writes docs/results/razor.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from kvconvert.evaluation.longcontext import greedy, nll, passkey_prompt, ppl, prefill, random_key
+from kvconvert.runtime.razor import policy_for, runtime_from_policy
+
+
+def methods(model, retrieval: list[list[int]], rule: dict, full_layers: list[int], seed: int = 0) -> dict:
+    """name -> RazorRuntime, all at the same sink/window rule."""
+    n_kv = model.config.num_key_value_heads
+    layers = len(retrieval)
+    rng = random.Random(seed)
+    cells = [(i, h) for i in range(layers) for h in range(n_kv)]
+    picked = set(rng.sample(cells, sum(map(len, retrieval))))
+    rand = [[h for h in range(n_kv) if (i, h) in picked] for i in range(layers)]
+    specs = {
+        "full": ([list(range(n_kv))] * layers, rule),
+        "razor": (retrieval, rule),
+        "windowed": ([[]] * layers, rule | {"compensation": False}),
+        "random": (rand, rule),
+    }
+    if full_layers:  # diagnostic: the profile plus every head of these layers
+        plus = [list(range(n_kv)) if i in full_layers else r for i, r in enumerate(retrieval)]
+        specs[f"razor+L{full_layers[0]}-{full_layers[-1]}"] = (plus, rule)
+    return {name: runtime_from_policy(model, policy_for(model, r, **kw)) for name, (r, kw) in specs.items()}
+
+
+def run(args) -> dict:
+    from kvconvert.checkpoint import resolve
+    from kvconvert.modeling import load_model, load_tokenizer
+    from kvconvert.razor.store import load_profile
+
+    ckpt = resolve(args.model)
+    model, tok = load_model(ckpt, torch.device("cpu"), torch.float32), load_tokenizer(ckpt)
+    profile = load_profile(args.profile)
+    rule = {"sinks": args.sinks, "window_floor": args.window_floor, "window_fraction": args.window_fraction}
+    runtimes = methods(model, profile["retrieval"], rule, args.full_layers)
+    if args.methods:
+        runtimes = {k: v for k, v in runtimes.items() if k in args.methods}
+    next(iter(runtimes.values())).attach(model)
+    rng = random.Random(0)
+    rows = []
+    for ctx in args.contexts:
+        for depth in args.depths:
+            for _ in range(args.trials):
+                key = random_key(rng, args.digits)
+                ids = passkey_prompt(tok, ctx, depth, key)
+                for name, rt in runtimes.items():
+                    t0 = time.process_time()
+                    answer = tok.decode(greedy(model, ids, rt.new_cache(), args.chunk, args.digits + 1)[0])
+                    rows.append(
+                        {
+                            "task": "passkey",
+                            "context": ids.shape[1],
+                            "depth": depth,
+                            "method": name,
+                            "correct": key in answer,
+                            "answer": answer.strip(),
+                            "cpu_s": time.process_time() - t0,
+                            "kv_bytes": rt.kv_bytes(ids.shape[1]),
+                            "full_bytes": rt.policy.full_kv_bytes(ids.shape[1], 1, 4),
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+    if args.ppl_text:
+        ids = tok(Path(args.ppl_text).read_text(), return_tensors="pt").input_ids[:, : args.ppl_tokens]
+        for name, rt in runtimes.items():
+            cache = rt.new_cache()
+            t0 = time.process_time()
+            total, count = nll(prefill(model, ids, cache, args.chunk), ids, args.ppl_skip)
+            prefill_cpu = time.process_time() - t0
+            held = cache.storage_bytes()
+            nxt, t0, w0 = ids[:, -1:], time.process_time(), time.perf_counter()
+            with torch.no_grad():
+                for _ in range(args.decode_tokens):
+                    nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            decode_cpu, decode_wall = time.process_time() - t0, time.perf_counter() - w0
+            rows.append(
+                {
+                    "task": "perplexity",
+                    "context": ids.shape[1],
+                    "method": name,
+                    "perplexity": ppl(total, count),
+                    "kv_bytes": rt.kv_bytes(ids.shape[1]),
+                    "measured_bytes": held,
+                    "full_bytes": rt.policy.full_kv_bytes(ids.shape[1], 1, 4),
+                    "prefill_cpu_s": prefill_cpu,
+                    "decode_cpu_s_per_token": decode_cpu / args.decode_tokens,
+                    "decode_wall_s_per_token": decode_wall / args.decode_tokens,
+                    "bytes_after_decode": cache.storage_bytes(),
+                    "computed_after_decode": rt.kv_bytes(ids.shape[1] + args.decode_tokens),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return {"model": args.model, "profile": args.profile, "rule": rule, "chunk": args.chunk, "rows": rows}
+
+
+def _span(text: str) -> list[int]:
+    a, b = map(int, text.split("-"))
+    return list(range(a, b + 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--profile", default="")
+    ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",") if x], default=[2048, 4096])
+    ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.2, 0.8])
+    ap.add_argument("--trials", type=int, default=1)
+    ap.add_argument("--digits", type=int, default=6)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--sinks", type=int, default=4)
+    ap.add_argument("--window-floor", type=int, default=256)
+    ap.add_argument("--window-fraction", type=float, default=0.1)
+    ap.add_argument("--ppl-text", default="")
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--ppl-skip", type=int, default=512)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=[])
+    ap.add_argument(
+        "--json", required=True, help="Write the raw rows here (with --render: read these, comma-separated)."
+    )
+    ap.add_argument("--render", action="store_true", help="Print markdown tables of existing --json files.")
+    args = ap.parse_args()
+    if args.render:
+        print(render([json.loads(Path(p).read_text()) for p in args.json.split(",")]))
+        return
+    Path(args.json).write_text(json.dumps(run(args), indent=1))
+
+
+def render(results: list[dict]) -> str:
+    """Markdown tables of one or more `--json` outputs."""
+    out = []
+    for res in results:
+        rows, rule = res["rows"], res["rule"]
+        out.append(f"### {res['model']} (profile `{Path(res['profile']).name}`, chunk {res['chunk']}, {rule})\n")
+        pk = [r for r in rows if r["task"] == "passkey"]
+        if pk:
+            names = list(dict.fromkeys(r["method"] for r in pk))
+            out.append("| context | depth | " + " | ".join(names) + " |")
+            out.append("|---|---|" + "---|" * len(names))
+            for ctx, depth in dict.fromkeys((r["context"], r["depth"]) for r in pk):
+                cells = []
+                for n in names:
+                    r = next((x for x in pk if (x["context"], x["depth"], x["method"]) == (ctx, depth, n)), None)
+                    if r is None:
+                        cells.append("–")
+                        continue
+                    cells.append(f"{'✓' if r['correct'] else '✗'} ({r['kv_bytes'] / r['full_bytes']:.2f}x KV)")
+                out.append(f"| {ctx} | {depth} | " + " | ".join(cells) + " |")
+            acc = {
+                n: sum(r["correct"] for r in pk if r["method"] == n) / sum(r["method"] == n for r in pk) for n in names
+            }
+            out.append("| **accuracy** | | " + " | ".join(f"**{acc[n]:.0%}**" for n in names) + " |\n")
+        pp = [r for r in rows if r["task"] == "perplexity"]
+        if pp:
+            full = next((r for r in pp if r["method"] == "full"), pp[0])
+            out.append(
+                "| method | tokens | perplexity | vs full | KV MiB held (computed) | KV vs full "
+                "| decode CPU ms/token | held after decode = computed |"
+            )
+            out.append("|---|---|---|---|---|---|---|---|")
+            for r in pp:
+                out.append(
+                    f"| {r['method']} | {r['context']} | {r['perplexity']:.3f} "
+                    f"| {r['perplexity'] / full['perplexity']:.3f}x "
+                    f"| {r['measured_bytes'] / 2**20:.1f} ({r['kv_bytes'] / 2**20:.1f}) "
+                    f"| {r['full_bytes'] / max(r['kv_bytes'], 1):.2f}x less "
+                    f"| {1000 * r.get('decode_cpu_s_per_token', float('nan')):.0f} "
+                    f"| {r.get('bytes_after_decode') == r.get('computed_after_decode')} |"
+                )
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Long-context tasks for the RazorAttention benchmark: passkey retrieval and long-text perplexity, both run
+through a cache in chunks (chunked prefill), so the cache compresses while the prompt is read."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n"
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> torch.Tensor:
+    """Token ids of about `context` tokens: filler with the passkey sentence at relative `depth`."""
+    needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
+    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    intro, question, filler = ids(INTRO), ids(QUESTION), ids(FILLER)
+    room = context - len(intro) - len(question) - len(needle.input_ids)
+    body = (filler * (room // len(filler) + 1))[:room]
+    cut = int(depth * room)
+    cut -= cut % len(filler)  # at a sentence-group boundary
+    return torch.tensor(intro + body[:cut] + needle.input_ids + body[cut:] + question)[None]
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Feed `ids` through `cache` in chunks; return the logits of every position (float32)."""
+    out = [
+        model(input_ids=ids[:, i : i + chunk], past_key_values=cache).logits.float()
+        for i in range(0, ids.shape[1], chunk)
+    ]
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, cache, chunk: int, new_tokens: int) -> torch.Tensor:
+    """Chunked prefill, then `new_tokens` greedy decode steps through the same cache."""
+    logits = prefill(model, ids, cache, chunk)[:, -1]
+    out = []
+    for _ in range(new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        logits = model(input_ids=nxt, past_key_values=cache).logits[:, -1].float()
+    return torch.cat(out, dim=1)
+
+
+def random_key(rng: random.Random, digits: int) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def nll(logits: torch.Tensor, ids: torch.Tensor, skip: int) -> tuple[float, int]:
+    """Summed next-token NLL over positions after `skip`, and their count."""
+    pred, target = logits[0, skip:-1], ids[0, skip + 1 :]
+    return float(F.cross_entropy(pred, target, reduction="sum")), target.numel()
+
+
+def ppl(total: float, count: int) -> float:
+    return math.exp(total / count)

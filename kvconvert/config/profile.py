@@ -1,0 +1,38 @@
+"""The RazorAttention profile stage's config (a recipe's `profile` section; see `kvconvert profile`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvconvert.config.base import INPUT, OUTPUT, StageConfig, setting
+from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field
+
+PROFILE, RUNTIME = "Profile", "Runtime"
+
+
+class ProfileConfig(StageConfig):
+    """Data-free retrieval-head profiling (echo/induction on repeated random tokens) and the runtime's window rule."""
+
+    block: int = setting(512, "Random tokens per block (the block is repeated).", PROFILE, ge=16, metavar="N")
+    repeats: int = setting(4, "Copies of the block.", PROFILE, ge=2, metavar="N")
+    seeds: int = setting(3, "Random sequences averaged (selection stability over them).", PROFILE, ge=1, metavar="N")
+    induction: float = setting(0.14, "Fraction of KV heads chosen by induction score.", PROFILE, ge=0, le=1)
+    echo: float = setting(0.01, "Fraction of KV heads chosen by echo score.", PROFILE, ge=0, le=1)
+    sinks: int = setting(4, "First tokens every windowed head keeps.", RUNTIME, ge=0, metavar="N")
+    window_floor: int = setting(256, "Smallest recent window of a windowed head.", RUNTIME, ge=1, metavar="N")
+    window_fraction: float = setting(0.1, "Recent window as a fraction of the context.", RUNTIME, ge=0, le=1)
+    device: str = device_field(PROFILE)
+    dtype: Dtype = dtype_field(PROFILE)
+
+    def runtime_rule(self) -> dict:
+        """The window rule stored with the profile for the runtime."""
+        rule = {"sinks": self.sinks, "window_floor": self.window_floor, "window_fraction": self.window_fraction}
+        return rule | {"compensation": True}
+
+
+class ProfileRunRequest(ProfileConfig):
+    """A whole `kvconvert profile` run: the settings plus the model and the profile file."""
+
+    model: str = setting(..., "Checkpoint directory, Hub id, .gguf file, or `smollm2` (built-in, offline).", INPUT)
+    output: Path = output_field("FILE")
+    attach: bool = setting(False, "Also store the profile in MODEL (a checkpoint directory).", OUTPUT)

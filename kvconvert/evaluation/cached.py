@@ -1,0 +1,77 @@
+"""`kvconvert eval --cache KIND[:ARG]`: perplexity, passkey retrieval, KV bytes and decode speed through a cache
+runtime (kvconvert.runtime), against the full DynamicCache on the same tokens. Prompts are read in chunks
+through the cache, so it compresses while reading (a whole-prompt prefill would answer before any eviction)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from kvconvert.evaluation.longcontext import greedy, nll, passkey_prompt, ppl, prefill, random_key
+
+
+def _dynamic(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+@torch.no_grad()
+def evaluate_cache(
+    model, tokenizer, spec: str, windows: torch.Tensor, contexts: list[int], chunk: int = 512, new_tokens: int = 32
+) -> dict:
+    """Full cache vs `spec` on `windows` (perplexity) and at each context (passkey at 3 depths, decode tok/s)."""
+    from kvconvert.runtime import runtime_for
+
+    original = model.config._attn_implementation
+    runtime = runtime_for(spec, model)
+    caches = {"full": lambda: _dynamic(model), spec: lambda: runtime.new_cache(model, 1)}
+    report: dict = {"cache": spec, "chunk": chunk, "methods": {}}
+    for name, new_cache in caches.items():
+        # the full-cache baseline runs the model's own attention (a runtime's function may cut even without its cache)
+        if name == "full":
+            model.set_attn_implementation(original)
+        else:
+            runtime.attach(model)
+        total = count = 0
+        for row in windows:
+            t, c = nll(prefill(model, row[None], new_cache(), chunk), row[None], 0)
+            total, count = total + t, count + c
+        entry = {"perplexity": ppl(total, count), "contexts": {}}
+        for ctx in contexts:
+            hits = []
+            for depth in (0.2, 0.5, 0.8):
+                key = random_key(random.Random(ctx + int(depth * 100)), 6)
+                answer = tokenizer.decode(
+                    greedy(model, passkey_prompt(tokenizer, ctx, depth, key), new_cache(), chunk, 7)[0]
+                )
+                hits.append(key in answer)
+            ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+            cache = new_cache()
+            prefill(model, ids, cache, chunk)
+            nxt = ids[:, -1:]
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            seconds = time.perf_counter() - t0
+            held = _held_bytes(cache)
+            entry["contexts"][str(ctx)] = {
+                "passkey_accuracy": sum(hits) / len(hits),
+                "decode_tokens_per_second": new_tokens / seconds,
+                "cache_bytes": held,
+                "computed_bytes": runtime.kv_bytes(ctx + new_tokens) if name == spec else None,
+            }
+        report["methods"][name] = entry
+    return report
+
+
+def _held_bytes(cache) -> int:
+    """Bytes the cache holds: its own count where a runtime cache keeps its tensors elsewhere, else K and V."""
+    from kvconvert.evaluation.kvcache import cache_bytes
+
+    for own in ("storage_bytes", "nbytes"):
+        if hasattr(cache, own):
+            return getattr(cache, own)()
+    return cache_bytes(cache)

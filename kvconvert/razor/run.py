@@ -1,0 +1,76 @@
+"""The `profile` stage: load a model, profile its heads, write the profile (and optionally attach it)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvconvert.razor.profile import ProfileSettings, profile_model
+from kvconvert.razor.store import SCHEMA, attach_profile, save_profile
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    model: str
+    block: int = 512
+    repeats: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2)
+    induction: float = 0.14
+    echo: float = 0.01
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+def eligible_heads(config, n_kv: int) -> torch.Tensor:
+    """(layer, KV head) that may be retrieval heads: not in sliding-window layers."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return torch.tensor([[t != "sliding_attention"] * n_kv for t in types], dtype=torch.bool)
+
+
+def request_from_config(cfg, model: str) -> ProfileRequest:
+    """The profiling run a `ProfileConfig` (CLI or recipe section) describes, on `model`."""
+    return ProfileRequest(
+        model, cfg.block, cfg.repeats, tuple(range(cfg.seeds)), cfg.induction, cfg.echo, cfg.device, cfg.dtype
+    )
+
+
+def run_profile(req: ProfileRequest, output: Path, runtime: dict, attach: bool = False) -> dict:
+    from kvconvert.checkpoint import resolve
+    from kvconvert.modeling import load_model, resolve_device, resolve_dtype
+
+    ckpt = resolve(req.model)
+    dev = resolve_device(req.device)
+    model = load_model(ckpt, dev, resolve_dtype(req.dtype, dev))
+    config = model.config.get_text_config()
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    settings = ProfileSettings(
+        block=req.block, repeats=req.repeats, seeds=req.seeds, induction_fraction=req.induction, echo_fraction=req.echo
+    )
+    t0 = time.perf_counter()
+    scores = profile_model(model, settings, eligible_heads(config, n_kv))
+    profile = {
+        "schema": SCHEMA,
+        "model": req.model,
+        "num_layers": config.num_hidden_layers,
+        "num_kv_heads": n_kv,
+        "num_attention_heads": config.num_attention_heads,
+        "settings": {
+            "block": req.block,
+            "repeats": req.repeats,
+            "prefix": settings.prefix,
+            "queries": settings.queries,
+            "seeds": list(req.seeds),
+            "induction_fraction": req.induction,
+            "echo_fraction": req.echo,
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+        "runtime": runtime,
+        **scores,
+    }
+    save_profile(profile, output)
+    if attach:
+        attach_profile(Path(ckpt.path), profile)
+    return profile

@@ -1,0 +1,78 @@
+"""The retrieval-head profile on disk: a JSON file, and inside a checkpoint without breaking stock loading.
+
+In a checkpoint directory the profile goes to two places: `config.json` gains the key `kvconvert_razor`
+(retrieval heads and runtime settings; stock `from_pretrained` keeps unknown keys as plain attributes and
+ignores them) and `kvconvert.json` gains the section `razor_profile` (the whole profile, scores included).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvconvert.atomic import write_text
+from kvconvert.errors import KVConvertError
+
+SCHEMA = "kvconvert-razor-profile/1"
+CONFIG_KEY = "kvconvert_razor"
+RECORD_SECTION = "razor_profile"
+RUNTIME_DEFAULTS = {"sinks": 4, "window_floor": 256, "window_fraction": 0.1, "compensation": True}
+
+
+def save_profile(profile: dict, path: Path) -> None:
+    write_text(path, json.dumps(profile, indent=1) + "\n")
+
+
+def load_profile(spec: str | Path) -> dict:
+    """A profile from a JSON file, or from a checkpoint directory that holds one."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        data = json.loads(config.read_text()).get(CONFIG_KEY) if config.is_file() else None
+        if not data:
+            raise KVConvertError(f"{path} holds no retrieval profile; run `kvconvert profile {path} --attach`")
+        return data
+    if not path.is_file():
+        raise KVConvertError(f"no profile at {path}; make one with `kvconvert profile MODEL --output {path}`")
+    try:
+        profile = json.loads(path.read_text())
+    except ValueError as exc:
+        raise KVConvertError(f"{path} is not valid JSON ({exc})") from exc
+    if profile.get("schema") != SCHEMA or "retrieval" not in profile:
+        raise KVConvertError(f"{path} is not a kvconvert retrieval profile (schema {SCHEMA})")
+    return profile
+
+
+def config_entry(profile: dict) -> dict:
+    """The compact part stored in config.json."""
+    return {"schema": SCHEMA, "retrieval": profile["retrieval"], "runtime": profile.get("runtime", RUNTIME_DEFAULTS)}
+
+
+def profile_of_config(*configs) -> dict:
+    """The profile a loaded model's config carries (the first config that has one)."""
+    for config in configs:
+        data = getattr(config, CONFIG_KEY, None)
+        if data:
+            return data
+    raise KVConvertError("the model carries no retrieval profile; pass one: --cache razor:PROFILE.json")
+
+
+def attach_profile(checkpoint: Path, profile: dict) -> None:
+    """Store `profile` in a checkpoint directory: config.json key + kvconvert.json section (created if absent)."""
+    config_path = checkpoint / "config.json"
+    if not config_path.is_file():
+        raise KVConvertError(f"{checkpoint} is not a checkpoint directory (no config.json)")
+    config = json.loads(config_path.read_text())
+    if config.get("num_hidden_layers") not in (None, len(profile["retrieval"])):
+        raise KVConvertError(f"the profile has {len(profile['retrieval'])} layers, {checkpoint} has another count")
+    config[CONFIG_KEY] = config_entry(profile)
+    write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    record_path = checkpoint / "kvconvert.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record[RECORD_SECTION] = profile
+    if (checkpoint / "README.md").is_file() and "source" in record:
+        from kvconvert.card import update_record
+
+        update_record(checkpoint, **{RECORD_SECTION: profile})
+    else:
+        write_text(record_path, json.dumps(record, indent=2) + "\n")

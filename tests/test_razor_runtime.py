@@ -1,0 +1,161 @@
+"""The razor KV cache on tiny stock models: exactness, memory accounting, compensation, batches and chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from kvconvert.errors import KVConvertError
+from kvconvert.runtime import runtime_for
+from kvconvert.runtime.razor import policy_for, runtime_from_policy
+from kvconvert.runtime.razor_cache import RazorLayer
+from kvconvert.runtime.razor_policy import RazorPolicy
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def qwen2(tiny_qwen2):
+    return AutoModelForCausalLM.from_pretrained(tiny_qwen2, attn_implementation="sdpa").eval()
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(5, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _chunked(model, ids, cache, chunk):
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(input_ids=ids[:, i : i + chunk], past_key_values=cache).logits
+                for i in range(0, ids.shape[1], chunk)
+            ],
+            dim=1,
+        )
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_keep_everything_matches_dynamic_cache(name, request):
+    model = request.getfixturevalue(name)
+    rt = runtime_from_policy(model, policy_for(model, [[0], [1, 3]], window_floor=10_000))
+    rt.attach(model)
+    ids = _ids(2, 37)
+    with torch.no_grad():
+        ref = model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits
+    for chunk in (37, 8, 1):
+        assert torch.allclose(_chunked(model, ids, rt.new_cache(model, 2), chunk), ref, atol=1e-5, rtol=0)
+    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    mask = torch.ones_like(ids)
+    ours = model.generate(ids, attention_mask=mask, past_key_values=rt.new_cache(model, 2), **kw)
+    stock = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kw)
+    assert torch.equal(ours.sequences, stock.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours.logits, stock.logits, strict=True)) < 1e-5
+
+
+def _sink_window_mask(length: int, sinks: int, window: int) -> torch.Tensor:
+    i = torch.arange(length)
+    return (i[None, :] <= i[:, None]) & ((i[None, :] < sinks) | (i[None, :] > i[:, None] - window))
+
+
+def test_windowed_heads_match_a_direct_masked_computation(llama):
+    """All heads windowed, no compensation: the same logits as full attention under a sink + window mask."""
+    rt = runtime_from_policy(
+        llama, policy_for(llama, [[], []], sinks=2, window_floor=6, window_fraction=0.0, compensation=False)
+    )
+    rt.attach(llama)
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        ref = llama(input_ids=ids, attention_mask=_sink_window_mask(40, 2, 6)[None, None].expand(2, 1, 40, 40)).logits
+    for chunk in (1, 7, 40):
+        assert torch.allclose(_chunked(llama, ids, rt.new_cache(), chunk), ref, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    chunk=st.integers(1, 9),
+    sinks=st.integers(0, 3),
+    floor=st.integers(1, 8),
+    fraction=st.sampled_from([0.0, 0.25]),
+    batch=st.integers(1, 2),
+)
+def test_held_bytes_equal_policy_at_every_step(llama, chunk, sinks, floor, fraction, batch):
+    policy = policy_for(llama, [[2], [0, 1]], sinks=sinks, window_floor=floor, window_fraction=fraction)
+    rt = runtime_from_policy(llama, policy)
+    rt.attach(llama)
+    cache = rt.new_cache()
+    ids = _ids(batch, 30, seed=chunk)
+    with torch.no_grad():
+        for i in range(0, 30, chunk):
+            llama(input_ids=ids[:, i : i + chunk], past_key_values=cache)
+            seen = min(i + chunk, 30)
+            assert cache.get_seq_length() == seen
+            assert cache.storage_bytes() == cache.tensor_bytes() == rt.kv_bytes(seen, batch)
+    assert rt.kv_bytes(30, batch) < policy.full_kv_bytes(30, batch, 4) or floor + sinks + 1 >= 30
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 23])
+def test_compensation_token_is_the_mean_of_dropped_tokens(chunk):
+    """Fed in chunks, a layer holds sinks, the mean of every dropped key/value, and the last window exactly."""
+    policy = RazorPolicy(((0,),), num_kv_heads=3, head_dim=8, sinks=2, window_floor=5, window_fraction=0.0)
+    layer = RazorLayer(policy, 0, num_query_heads=6)
+    gen = torch.Generator().manual_seed(chunk)
+    keys, values = torch.randn(2, 3, 23, 8, generator=gen), torch.randn(2, 3, 23, 8, generator=gen)
+    for i in range(0, 23, chunk):
+        layer.update(keys[..., i : i + chunk, :], values[..., i : i + chunk, :])
+    for held, full in ((layer.win_k, keys[:, 1:]), (layer.win_v, values[:, 1:])):
+        assert held.shape[-2] == 2 + 1 + 5
+        assert torch.equal(held[..., :2, :], full[..., :2, :])  # sinks
+        assert torch.allclose(held[..., 2, :], full[..., 2:18, :].mean(-2), atol=1e-6)  # the 16 dropped
+        assert torch.equal(held[..., 3:, :], full[..., 18:, :])  # the last 5
+    assert torch.equal(layer.full_k, keys[:, :1]) and torch.equal(layer.full_v, values[:, :1])
+    assert layer.dropped == 16
+
+
+def test_batch_rows_are_independent(llama):
+    rt = runtime_from_policy(llama, policy_for(llama, [[1], []], sinks=1, window_floor=4, window_fraction=0.1))
+    rt.attach(llama)
+    ids = _ids(3, 26)
+    both = _chunked(llama, ids, rt.new_cache(), 5)
+    for b in range(3):
+        assert torch.allclose(both[b], _chunked(llama, ids[b : b + 1], rt.new_cache(), 5)[0], atol=1e-5, rtol=0)
+
+
+def test_without_cache_it_is_sdpa(llama):
+    rt = runtime_from_policy(llama, policy_for(llama, [[0], [0]]))
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        llama.set_attn_implementation("sdpa")
+        ref = llama(input_ids=ids, use_cache=False).logits
+        rt.attach(llama)
+        assert torch.allclose(llama(input_ids=ids, use_cache=False).logits, ref, atol=1e-6, rtol=0)
+
+
+def test_padded_batches_are_refused(llama):
+    rt = runtime_from_policy(llama, policy_for(llama, [[0], [0]]))
+    rt.attach(llama)
+    ids, mask = _ids(2, 10), torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="unpadded"), torch.no_grad():
+        llama(input_ids=ids, attention_mask=mask, past_key_values=rt.new_cache())
+
+
+def test_policy_arithmetic():
+    p = RazorPolicy(((0,), ()), num_kv_heads=2, head_dim=4, sinks=2, window_floor=3, window_fraction=0.5)
+    assert p.windowed_tokens(0, 1) == (1, 0, 0)
+    assert p.windowed_tokens(0, 5) == (2, 0, 3)
+    assert p.windowed_tokens(0, 20) == (2, 1, 10)
+    assert p.kept_tokens(0, 20) == 20 + 13 and p.kept_tokens(1, 20) == 2 * 13
+    assert p.kv_bytes(20, 1, 2) == 2 * (33 + 26) * 4 * 2
+    with pytest.raises(ValueError):
+        RazorPolicy(((2,),), num_kv_heads=2, head_dim=4)
+
+
+def test_runtime_for_unknown_kind(llama):
+    with pytest.raises(KVConvertError, match="unknown cache runtime"):
+        runtime_for("nope", llama)
