@@ -13,9 +13,9 @@ from transformers import AutoConfig, PretrainedConfig
 
 from kvconvert.errors import KVConvertError
 from kvconvert.families import Family, family_for
-from kvconvert.merge.moments import AttentionWeights
 from kvconvert.sources import BUILTINS, builtin_gguf, cache_root, gguf_checkpoint, gguf_license, hub_snapshot
 from kvconvert.tensors import TensorReader
+from kvconvert.weights import AttentionWeights
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -101,36 +101,25 @@ class Checkpoint:
         return {k: meta[k] for k in keys if isinstance(meta.get(k), str) and meta[k]}
 
     def attention(self, layer: int) -> AttentionWeights:
-        """One layer's attention projections (biases where the checkpoint has them)."""
+        """One layer's attention projections (biases and QK-norm where the checkpoint has them), read by the family."""
         fam, t = self.family, self.tensors
-
-        def get(proj: str, kind: str = "weight") -> torch.Tensor | None:
-            name = fam.tensor_name(layer, proj, kind)
-            if kind == "bias" and name not in t:
-                return None
+        prefix = fam.prefix(layer)
+        tensors = {}
+        for name in fam.attention_names(layer, t.__contains__):
             value = t.get(name)
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise KVConvertError(
                     f"{name} of {self.spec} contains NaN/Inf; the checkpoint is corrupt or overflowed: re-download it "
                     "or convert a bfloat16/float32 copy"
                 )
-            return value
-
-        return AttentionWeights(
-            q_weight=get("q"),
-            k_weight=get("k"),
-            v_weight=get("v"),
-            o_weight=get("o"),
-            q_bias=get("q", "bias"),
-            k_bias=get("k", "bias"),
-            v_bias=get("v", "bias"),
-        )
+            tensors[name[len(prefix) :]] = value
+        return fam.read(tensors, fam.geometry(self.config))
 
     def fingerprint(self) -> dict:
         """Family, shapes and a hash of sampled weights: enough to tell statistics of another model apart."""
         fam, geom, t = self.family, self.family.geometry(self.config), self.tensors
         h = hashlib.sha256()
-        names = [fam.embed_name] + [fam.tensor_name(i, p) for i in range(geom.num_layers) for p in "qkvo"]
+        names = [fam.embed_name] + [n for i in range(geom.num_layers) for n in fam.weight_names(i)]
         for name in names:
             shape = t.shape(name)
             h.update(f"{name}{shape}".encode())

@@ -13,9 +13,11 @@ from kvconvert.merge.losses import GroupLosses
 from kvconvert.merge.methods import METHODS, GroupProblem, MergeLoss
 from kvconvert.merge.moments import AttentionWeights, LayerMoments, layer_moments
 from kvconvert.merge.pca import psd_sqrt
+from kvconvert.merge.qknorm import key_maps, with_norm_key_maps
 from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
 
 GROUPINGS = ("search", "adjacent")
+QK_NORM_MERGES = ("normalised", "linear")  # QK-norm families: norm-carried key maps, or the method's maps as is
 
 
 def group_problem(
@@ -72,6 +74,7 @@ def plan_layer(
     method: str,
     grouping: str,
     coherence: torch.Tensor,
+    qk_norm: str = "normalised",
 ) -> LayerPlan:
     """Choose the groups (per `grouping`) and merge each with `method`."""
     m = METHODS[method]
@@ -89,7 +92,14 @@ def plan_layer(
 
     def head(queries: tuple[int, ...]) -> NewHead:
         sources, p = problem(queries)
-        return NewHead(queries, sources, m.merge(p))
+        merge = m.merge(p)
+        if lm.key_scale is not None and qk_norm == "normalised":  # QK-norm: key maps the norms carry (qknorm.py)
+            src = list(sources)
+            maps = key_maps(
+                p.key_moment, p.query_pair_energy, lm.key_scale[src], lm.key_weight[src], geom.head_dim, geom.rotary_dim
+            )
+            merge = with_norm_key_maps(merge, *maps)
+        return NewHead(queries, sources, merge)
 
     def queries_of(kv_heads: Iterable[int]) -> tuple[int, ...]:
         return tuple(q for h in kv_heads for q in range(h * n_rep, (h + 1) * n_rep))
@@ -136,10 +146,13 @@ def decompose(
     coherence: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     on_layer: Callable[[int], None] | None = None,
+    qk_norm: str = "normalised",
 ) -> CompressionPlan:
     """Plan every layer. `moments_of(layer)` gives (E[x xᵀ], E[x]) of the attention input in float64."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if qk_norm not in QK_NORM_MERGES:
+        raise ValueError(f"unknown QK-norm merge {qk_norm!r}; choose from {', '.join(QK_NORM_MERGES)}")
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
     if coherence is None:
@@ -148,7 +161,7 @@ def decompose(
     for layer in range(geom.num_layers):
         second, mean = moments_of(layer)
         lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
-        layers.append(plan_layer(lm, geom, n_new, method, grouping, coherence))
+        layers.append(plan_layer(lm, geom, n_new, method, grouping, coherence, qk_norm))
         del lm, second, mean
         release_memory()
         if on_layer:

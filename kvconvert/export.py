@@ -20,8 +20,8 @@ from kvconvert.atomic import swap_into_place
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
+from kvconvert.families.base import converted_shapes, converted_tensors
 from kvconvert.memory import release_memory
-from kvconvert.merge.moments import AttentionWeights
 from kvconvert.progress import Progress, Silent
 
 FIELDS = {("q", "weight"): "q_weight", ("k", "weight"): "k_weight", ("v", "weight"): "v_weight"}
@@ -46,22 +46,21 @@ def prepare_output(output: Path, source: Path, overwrite: bool) -> None:
         raise KVConvertError(f"output directory {output} is not empty; pass --overwrite or choose another path")
 
 
-def _attention_index(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
+def _attention_index(ckpt: Checkpoint) -> dict[str, int]:
+    """Checkpoint name -> layer of every attention tensor (the family says which names a layer has)."""
     fam, n_layers = ckpt.family, ckpt.family.geometry(ckpt.config).num_layers
-    index = {}
-    for layer in range(n_layers):
-        for (proj, kind), field in FIELDS.items():
-            name = fam.tensor_name(layer, proj, kind)
-            if name in ckpt.tensors:
-                index[name] = (layer, field)
-    return index
+    return {name: layer for layer in range(n_layers) for name in fam.attention_names(layer, ckpt.tensors.__contains__)}
 
 
-def _new_shape(ckpt: Checkpoint, name: str, field: str | None, n_new: int) -> list[int]:
-    shape = ckpt.tensors.shape(name)
-    if field in ("k_weight", "v_weight", "k_bias", "v_bias"):
-        shape[0] = n_new * ckpt.family.geometry(ckpt.config).head_dim
-    return shape
+def _new_shapes(ckpt: Checkpoint, attn: dict[str, int], n_new: int) -> dict[str, list[int]]:
+    """Shapes of the converted attention tensors, laid out by the family."""
+    fam, geom = ckpt.family, ckpt.family.geometry(ckpt.config)
+    by_layer: dict[int, dict[str, list[int]]] = {}
+    for name, layer in attn.items():
+        by_layer.setdefault(layer, {})[name] = ckpt.tensors.shape(name)
+    return {
+        n: s for layer, shapes in by_layer.items() for n, s in converted_shapes(fam, layer, shapes, geom, n_new).items()
+    }
 
 
 def write_checkpoint(
@@ -78,10 +77,10 @@ def write_checkpoint(
     prepare_output(output, ckpt.path, overwrite)
     reader, attn = ckpt.tensors, _attention_index(ckpt)
     n_new = conv.plan.num_kv_heads_after
+    shapes = _new_shapes(ckpt, attn, n_new)
+    new_geom = ckpt.family.geometry(ckpt.config).with_kv_heads(n_new)
     metas = {
-        name: torch.empty(
-            _new_shape(ckpt, name, attn.get(name, (0, None))[1], n_new), dtype=reader.dtype(name), device="meta"
-        )
+        name: torch.empty(shapes.get(name) or reader.shape(name), dtype=reader.dtype(name), device="meta")
         for name in reader.names()
     }
     split = split_torch_state_dict_into_shards(
@@ -92,19 +91,19 @@ def write_checkpoint(
     tmp.mkdir(parents=True)
     try:
         remaining = {}
-        for layer, _ in attn.values():
+        for layer in attn.values():
             remaining[layer] = remaining.get(layer, 0) + 1
-        folded: dict[int, AttentionWeights] = {}
+        folded: dict[int, dict[str, torch.Tensor]] = {}
         advance = (progress or Silent()).task("writing shards", len(split.filename_to_tensors))
         written = 0
         for filename, names in split.filename_to_tensors.items():
             shard = {}
             for name in names:
                 if name in attn:
-                    layer, field = attn[name]
+                    layer = attn[name]
                     if layer not in folded:
-                        folded[layer] = conv.attention(layer)
-                    shard[name] = getattr(folded[layer], field).contiguous()
+                        folded[layer] = converted_tensors(ckpt.family, layer, conv.attention(layer), new_geom)
+                    shard[name] = folded[layer][name].contiguous()
                     _check_finite(shard[name], name)
                     remaining[layer] -= 1
                     if remaining[layer] == 0:

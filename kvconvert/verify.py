@@ -9,7 +9,7 @@ import torch
 
 from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
-from kvconvert.export import FIELDS
+from kvconvert.families.base import converted_tensors
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,9 @@ def converted_in_memory(conv: Converted, dtype: torch.dtype = torch.float32):
     ckpt = conv.ckpt
     model = AutoModelForCausalLM.from_config(conv.config, dtype=dtype)
     state = {name: ckpt.tensors.get(name) for name in ckpt.tensors.names()}
+    geom = ckpt.family.geometry(ckpt.config).with_kv_heads(conv.plan.num_kv_heads_after)
     for layer in range(len(conv.plan.layers)):
-        new = conv.attention(layer)
-        for (proj, kind), field in FIELDS.items():
-            name = ckpt.family.tensor_name(layer, proj, kind)
-            if name in state:
-                state[name] = getattr(new, field)
+        state.update(converted_tensors(ckpt.family, layer, conv.attention(layer), geom))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise KVConvertError(f"converted tensors do not match the model: missing {missing}, unexpected {unexpected}")
