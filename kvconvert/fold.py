@@ -52,6 +52,8 @@ def fold_layer(w: AttentionWeights, plan: LayerPlan, geom: AttentionGeometry) ->
         for i in h.query_heads:
             s = src.index(i // n_rep)
             kd = m.key_decoder[s * d : (s + 1) * d]
+            if geom.qk_norm is not None:  # the gain goes into the key norm (fold_norms), not through the query norm
+                kd = kd / decoder_gain(m.key_decoder)
             vd = m.value_decoder[s * d : (s + 1) * d]
             out = slice(row * d, (row + 1) * d)
             new_q[out] = kd.T @ q[i].to(F64)
@@ -96,9 +98,15 @@ def fold_norms(
     if norm.scope != "head":
         q_norm = norm.from_heads(norm.per_head(w.q_norm, geom.num_heads, d)[order], w.q_norm)
     old = norm.per_head(w.k_norm, geom.num_kv_heads, d)
-    # gain of a decoder D (S*d, d): sqrt(||D||² / (S*d)), 1 for identity blocks
-    gains = [float(h.merge.key_decoder.pow(2).sum() / h.merge.key_decoder.shape[0]) ** 0.5 for h in plan.heads]
-    if norm.scope == "head":
+    gains = [decoder_gain(h.merge.key_decoder) for h in plan.heads]
+    if norm.scope == "head":  # one weight for all heads: their mean gain
         return q_norm, norm.from_heads(old[:1] * (sum(gains) / len(gains)), w.k_norm)
+    if norm.scope == "all":  # one RMS over all heads: the gain of the whole projection
+        gains = [(sum(g * g for g in gains) / len(gains)) ** 0.5] * len(gains)
     rows = torch.stack([old[h.kv_heads[0]] * g for h, g in zip(plan.heads, gains, strict=True)])
     return q_norm, norm.from_heads(rows, w.k_norm)
+
+
+def decoder_gain(decoder: torch.Tensor) -> float:
+    """RMS gain of a key decoder (S*d, d): sqrt(||D||² / (S*d)); 1 for identity blocks."""
+    return float(decoder.pow(2).sum() / decoder.shape[0]) ** 0.5

@@ -107,7 +107,9 @@ def refine(
     ckpt = conv.ckpt
     runner = LayerRunner(ckpt, device, dtype)
     with torch.device("meta"):
-        new_layers = AutoModelForCausalLM.from_config(conv.config).base_model.layers
+        config = conv.config
+        config._attn_implementation = runner.config._attn_implementation
+        new_layers = AutoModelForCausalLM.from_config(config).get_submodule(ckpt.family.layers_path)
     fam = ckpt.family
     new_geom = fam.geometry(ckpt.config).with_kv_heads(conv.plan.num_kv_heads_after)
     attn_path = fam.attention

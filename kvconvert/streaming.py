@@ -69,10 +69,16 @@ class LayerRunner:
 
         self.ckpt, self.device, self.dtype = ckpt, device, dtype
         config = copy.deepcopy(ckpt.config)
-        config._attn_implementation = "sdpa"
         self.config = config
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+        for impl in ("sdpa", "eager"):  # eager where a family needs it (Gemma 2's attention soft-capping)
+            config._attn_implementation = impl
+            try:
+                with torch.device("meta"):
+                    skeleton = AutoModelForCausalLM.from_config(config)
+                break
+            except ValueError:
+                if impl == "eager":
+                    raise
         self.base = skeleton.base_model
         self.layers = skeleton.get_submodule(ckpt.family.layers_path)
         self.rotary = type(self.base.rotary_emb)(config=config).to(device)
@@ -130,7 +136,8 @@ class LayerRunner:
 
     @torch.no_grad()
     def forward(self, module: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return module(hidden, **self.context(hidden, layer), **self.ckpt.family.layer_kwargs)
+        out = module(hidden, **self.context(hidden, layer), **self.ckpt.family.layer_kwargs)
+        return out[0] if isinstance(out, tuple) else out  # Falcon's layers return (hidden, ...)
 
 
 def converted_layer_state(config, layer: int, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
