@@ -169,6 +169,8 @@ def make_random(directory: Path, family: str, *, seed: int = 0, **shape) -> Path
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif p.dim() == 2 and (".self_attn." in name or ".self_attention." in name):
+                p.normal_(0, p.shape[1] ** -0.5)  # unit-scale projections: attention that is far from uniform
             elif "norm" in name or "layernorm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(directory)

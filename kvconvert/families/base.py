@@ -71,7 +71,7 @@ class Family:
     interleaved_rope: bool = False
     layer_kwargs: dict = field(default_factory=dict)
     refuse: Callable[[PretrainedConfig], str | None] | None = None
-    notes: str = ""
+    cache_heads: str = "kv"  # "query" where transformers caches keys broadcast to every query head (Falcon)
 
     def __hash__(self) -> int:
         return hash(self.name)

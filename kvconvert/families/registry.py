@@ -78,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
         embed_name="transformer.word_embeddings.weight",
         layer_kwargs={"alibi": None},
         refuse=_falcon,
+        cache_heads="query",
     ),
 )
 
