@@ -57,7 +57,7 @@ def test_identical_pairs_merge_exactly(tmp_path, family, kind):
 def test_refused_families_say_why(arch):
     config = tiny_config("llama")
     config.architectures = [arch]
-    with pytest.raises(KVConvertError, match="cannot be converted: .+"):
+    with pytest.raises(KVConvertError, match=r"cannot be converted: .+"):
         family_for(config)
 
 
