@@ -110,12 +110,23 @@ def gemma(b: Bench, path: str) -> None:
     t0 = time.perf_counter()
     b.score("gemma3", "4 noisy copies (reference, 4 KV)", load_model(noisy, CPU, torch.float32), held_out, 0.0)
     nstats = b.stats(noisy, "gemma3-kv4-noisy")
-    b.converted("gemma3", "noisy 4 -> 1: mean + linear (pre-norm average)", noisy, nstats, 1, "mean", held_out, "linear")
-    b.converted("gemma3", "noisy 4 -> 1: weighted + linear (Llama-style maps)", noisy, nstats, 1, "weighted", held_out, "linear")
+    b.converted(
+        "gemma3", "noisy 4 -> 1: mean + linear (pre-norm average)", noisy, nstats, 1, "mean", held_out, "linear"
+    )
+    b.converted(
+        "gemma3", "noisy 4 -> 1: weighted + linear (Llama-style maps)", noisy, nstats, 1, "weighted", held_out, "linear"
+    )
     b.converted("gemma3", "noisy 4 -> 1: weighted + normalised (QK-norm merge)", noisy, nstats, 1, "weighted", held_out)
     if b.args.refine_steps:
         b.converted(
-            "gemma3", "noisy 4 -> 1: normalised + refinement", noisy, nstats, 1, "weighted", held_out, refine_n=8
+            "gemma3",
+            "noisy 4 -> 1: normalised + refinement",
+            noisy,
+            nstats,
+            1,
+            "weighted",
+            held_out,
+            refine_n=b.args.refine_samples,
         )
 
 
@@ -123,12 +134,23 @@ def qwen(b: Bench, path: str) -> None:
     base = resolve(path)
     held_out = b.windows(base, b.text_b, b.args.eval_samples)
     t0 = time.perf_counter()
-    b.score("qwen2.5", "original (14 q / 2 KV)", load_model(base, CPU, torch.float32), held_out, time.perf_counter() - t0)
+    b.score(
+        "qwen2.5", "original (14 q / 2 KV)", load_model(base, CPU, torch.float32), held_out, time.perf_counter() - t0
+    )
     stats = b.stats(base, "qwen-coder")
     for method in ("mean", "svd", "weighted"):
         b.converted("qwen2.5", f"2 -> 1: {method}", base, stats, 1, method, held_out)
     if b.args.refine_steps:
-        b.converted("qwen2.5", "2 -> 1: weighted + refinement", base, stats, 1, "weighted", held_out, refine_n=8)
+        b.converted(
+            "qwen2.5",
+            "2 -> 1: weighted + refinement",
+            base,
+            stats,
+            1,
+            "weighted",
+            held_out,
+            refine_n=b.args.refine_samples,
+        )
 
 
 def render(b: Bench, total: float) -> str:
@@ -138,6 +160,7 @@ def render(b: Bench, total: float) -> str:
         "",
         f"Command: `python -m bench.families --gemma GEMMA.gguf --qwen QWEN.gguf --seq-len {a.seq_len} "
         f"--calib-samples {a.calib_samples} --eval-samples {a.eval_samples} --refine-steps {a.refine_steps} "
+        f"--refine-samples {a.refine_samples} "
         "--write docs/results` (GGUF files assembled from the PyPI packages, see docs/families.md). Calibration: "
         f"{a.calib_samples} x {a.seq_len} tokens of pydoc-a; held-out perplexity: {a.eval_samples} x {a.seq_len} "
         f"tokens of pydoc-b; float32 on CPU, one thread. Total {total / 60:.1f} min, measured while other jobs "
@@ -161,6 +184,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--refine-steps", type=int, default=20)
+    ap.add_argument("--refine-samples", type=int, default=8)
     ap.add_argument("--write", type=Path)
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -173,7 +197,8 @@ def main() -> None:
     print(report)
     if args.write:
         args.write.mkdir(parents=True, exist_ok=True)
-        (args.write / "families.md").write_text(report)
+        name = "families.md" if args.gemma and args.qwen else f"families-{'gemma3' if args.gemma else 'qwen'}.md"
+        (args.write / name).write_text(report)
 
 
 if __name__ == "__main__":
