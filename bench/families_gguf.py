@@ -81,7 +81,8 @@ def main() -> None:
     t0 = time.perf_counter()
     tok = resolve("smollm2")
     vocab = len(__import__("json").loads((tok.path / "tokenizer.json").read_text())["model"]["vocab"])
-    names = [f.name for f in FAMILIES if not args.families or f.name in args.families.split(",")]
+    known = [f.name for f in FAMILIES]
+    names = [n for n in args.families.split(",") if n in known] if args.families else known
     rows = []
     for name in names:
         try:
@@ -91,6 +92,11 @@ def main() -> None:
             status, detail = "not run", f"{type(exc).__name__}: {exc}"[:160]
         rows.append((name, status, detail))
         print(f"{name:12s} {status:20s} {detail}", flush=True)
+        write(args, rows, t0)
+
+
+def write(args, rows, t0) -> None:
+    """The report so far (rewritten after every family, so a run cut short still leaves its rows)."""
     lines = [
         "# llama.cpp check of converted tiny models",
         "",
@@ -104,7 +110,6 @@ def main() -> None:
         *[f"| {n} | {s} | {d.replace('|', '/')} |" for n, s, d in rows],
     ]
     report = "\n".join(lines) + "\n"
-    print(report)
     if args.write:
         args.write.mkdir(parents=True, exist_ok=True)
         (args.write / "families-llamacpp.md").write_text(report)
