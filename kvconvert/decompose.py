@@ -93,11 +93,11 @@ def plan_layer(
     def head(queries: tuple[int, ...]) -> NewHead:
         sources, p = problem(queries)
         merge = m.merge(p)
-        if lm.key_scale is not None and qk_norm == "normalised":  # QK-norm: key maps the norms carry (qknorm.py)
-            src = list(sources)
-            maps = key_maps(
-                p.key_moment, p.query_pair_energy, lm.key_scale[src], lm.key_weight[src], geom.head_dim, geom.rotary_dim
-            )
+        if lm.key_rms is not None and qk_norm == "normalised":  # QK-norm: key maps the norms carry (qknorm.py)
+            src, d = list(sources), geom.head_dim
+            idx = torch.cat([torch.arange(s * d, (s + 1) * d) for s in src]).to(lm.key_unit_moment.device)
+            unit = lm.key_unit_moment[idx][:, idx].cpu()
+            maps = key_maps(unit, p.query_pair_energy, lm.key_rms[src], lm.key_weight[src], d, geom.rotary_dim)
             merge = with_norm_key_maps(merge, *maps)
         return NewHead(queries, sources, merge)
 

@@ -163,6 +163,8 @@ def make_random(directory: Path, family: str, *, seed: int = 0, **shape) -> Path
     """Save a tiny random model of `family` whose norms and biases are random too (so they matter)."""
     from transformers import AutoModelForCausalLM
 
+    from kvconvert.families import family_for
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **shape))
     with torch.no_grad():
@@ -173,6 +175,8 @@ def make_random(directory: Path, family: str, *, seed: int = 0, **shape) -> Path
                 p.normal_(0, p.shape[1] ** -0.5)  # unit-scale projections: attention that is far from uniform
             elif "norm" in name or "layernorm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+            if name.endswith("k_norm.weight"):  # one dim the norm zeroes (Gemma 3 has such dims): it still counts
+                p.view(-1)[1] = -family_for(model.config).qk_norm.offset
     model.save_pretrained(directory)
     return directory
 

@@ -23,8 +23,9 @@ class LayerMoments:
     query_pair_energy: torch.Tensor  # (n_heads, pairs)
     query_pass_moment: torch.Tensor  # (n_heads, p, p)
     out_gram: torch.Tensor  # (n_heads, d, d)
-    key_scale: torch.Tensor | None = None  # QK-norm: (n_kv, d) diagonal of each key head's linearised norm
+    key_rms: torch.Tensor | None = None  # QK-norm: (n_kv,) RMS r_s of each key head at calibration
     key_weight: torch.Tensor | None = None  # QK-norm: (n_kv, d) effective key-norm weights
+    key_unit_moment: torch.Tensor | None = None  # QK-norm: (n_kv*d)² moment of u_s = P k_s / r_s
 
 
 def _moment(wx: torch.Tensor, w: torch.Tensor, wm: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -65,21 +66,23 @@ def layer_moments(
     qx = q @ second
     qm = q @ mean
     re, im, ps = rope.pair_dims(d, geom.rotary_dim)
-    key_scale = key_weight = None
+    key_rms = key_weight = key_unit = None
     if geom.qk_norm is not None and weights.k_norm is not None:  # moments of what attention reads: normed q, k
         norm = geom.qk_norm
-        k_mats, key_weight = qknorm.norm_scales(
+        k_units, key_rms, key_weight = qknorm.norm_scales(
             qknorm.diagonal_blocks(key_moment, geom.num_kv_heads), weights.k_norm, norm
         )
+        key_unit, _ = qknorm.normalise(key_moment, km, k_units)
+        k_mats = key_weight.unsqueeze(-1) * k_units
         key_moment, km = qknorm.normalise(key_moment, km, k_mats)
-        key_scale = k_mats.diagonal(dim1=-2, dim2=-1)
         q_blocks = torch.stack(
             [
                 _moment(qx[i * d : (i + 1) * d], q[i * d : (i + 1) * d], qm[i * d : (i + 1) * d], _rows(qb, i, d))
                 for i in range(nh)
             ]
         )
-        q_mats, _ = qknorm.norm_scales(q_blocks, weights.q_norm, norm)
+        q_units, _, q_weight = qknorm.norm_scales(q_blocks, weights.q_norm, norm)
+        q_mats = q_weight.unsqueeze(-1) * q_units
         q_blocks = q_mats @ q_blocks @ q_mats.transpose(-1, -2)
         diag = q_blocks.diagonal(dim1=-2, dim2=-1)
         pass_moment = q_blocks[:, ps[:, None], ps[None, :]]
@@ -105,8 +108,9 @@ def layer_moments(
         pair_energy.to(f64),
         pass_moment.to(f64),
         out_gram.to(f64),
-        None if key_scale is None else key_scale.to("cpu", f64),
+        None if key_rms is None else key_rms.to("cpu", f64),
         None if key_weight is None else key_weight.to("cpu", f64),
+        None if key_unit is None else key_unit.to(f64),
     )
 
 

@@ -34,10 +34,12 @@ def diagonal_blocks(moment: torch.Tensor, n_heads: int) -> torch.Tensor:
     return moment.reshape(n_heads, d, n_heads, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def norm_scales(blocks: torch.Tensor, stored: torch.Tensor, norm: QKNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linearisation matrices L_s (n, d, d), effective weights (n, d)) of the norm at its mean scale.
+def norm_scales(
+    blocks: torch.Tensor, stored: torch.Tensor, norm: QKNorm
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unit maps U_s = P / r_s (n, d, d), RMS r_s (n,), effective weights w_s (n, d)) of the norm at its mean scale.
 
-    `blocks` are the per-head pre-norm second moments C_ss (n, d, d); L_s = diag(w_s) P / r_s.
+    `blocks` are the per-head pre-norm second moments C_ss (n, d, d); the linearised norm is diag(w_s) U_s.
     """
     n_heads, d = blocks.shape[0], blocks.shape[1]
     eff = norm.per_head(stored, n_heads, d).to(blocks)
@@ -47,12 +49,12 @@ def norm_scales(blocks: torch.Tensor, stored: torch.Tensor, norm: QKNorm) -> tup
     energy = torch.einsum("ij,njk,ik->n", center, blocks, center) / d  # E||P k_s||² / d
     if norm.scope == "all":
         energy = energy.mean().expand(n_heads)
-    mats = eff.unsqueeze(-1) * center / energy.clamp(min=EPS).sqrt()[:, None, None]
-    return mats, eff
+    rms = energy.clamp(min=EPS).sqrt()
+    return center.expand(n_heads, d, d) / rms[:, None, None], rms, eff
 
 
 def normalise(moment: torch.Tensor, mean: torch.Tensor, mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moment and mean of the normalised vectors, blockdiag(L) y, from those of y."""
+    """Moment and mean of blockdiag(L) y from those of y (L: (n, d, d) per head)."""
     n, d = mats.shape[0], mats.shape[1]
     blocks = moment.reshape(n, d, n, d).permute(0, 2, 1, 3)  # (n, n, d, d)
     out = mats[:, None] @ blocks @ mats[None, :].transpose(-1, -2)
@@ -61,44 +63,44 @@ def normalise(moment: torch.Tensor, mean: torch.Tensor, mats: torch.Tensor) -> t
 
 
 def key_maps(
-    key_moment: torch.Tensor,
+    unit_moment: torch.Tensor,
     pair_energy: torch.Tensor,
-    scale: torch.Tensor,
+    rms: torch.Tensor,
     weight: torch.Tensor,
     head_dim: int,
     rotary_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-norm key encoder (d, S*d) and normalised-key decoder (S*d, d) of one group (see the module docstring).
 
-    key_moment: normalised keys of the S sources (S*d)²; pair_energy: (S, pairs) normalised query energy per
-    source; scale: (S, d) diagonal of each source's linearisation (w_s / r_s); weight: (S, d) effective norm
-    weights. The new head's norm weight is weight[0] (times ρ, folded from the decoder's gain).
+    unit_moment: (S*d)² moment of the sources' unit keys u_s = P k_s / r_s (the normalised keys before the norm
+    weight, so dims whose weight is 0 still count in the RMS); pair_energy: (S, pairs) normalised query energy per
+    source; rms: (S,) r_s; weight: (S, d) effective norm weights. The new head keeps weight[0], times ρ.
     """
     n_src, d, r = pair_energy.shape[0], head_dim, rotary_dim
     f64 = torch.float64
     re, im, ps = rope.pair_dims(d, r)
-    z = rope.complex_moment(key_moment, n_src, d, r)  # (pairs, S, S)
+    w_flat = weight.reshape(-1)
+    read = w_flat[:, None] * unit_moment * w_flat[None, :]  # moment of what attention reads, w ⊙ u
     sign = torch.ones(n_src, d, dtype=f64)
     if len(re):
-        ref = z[:, :, 0].real.T  # (S, pairs): Re E[z_s conj(z_0)]
+        ref = rope.complex_moment(read, n_src, d, r)[:, :, 0].real.T  # (S, pairs): Re E[z_s conj(z_0)]
         pair_sign = torch.where(ref < 0, -1.0, 1.0).to(f64)
         sign[:, re], sign[:, im] = pair_sign, pair_sign
+    if len(ps):
+        pass_ref = read.reshape(n_src, d, n_src, d)[:, :, 0, :].diagonal(dim1=-2, dim2=-1)[:, ps]  # (S, p)
+        sign[:, ps] = torch.where(pass_ref < 0, -1.0, 1.0).to(f64)
     lam = torch.full((n_src, d), 1.0 / n_src, dtype=f64)
     if len(re):
         w = pair_energy + EPS * pair_energy.mean().clamp(min=EPS)
         share = w / w.sum(0, keepdim=True)
         lam[:, re], lam[:, im] = share, share
-    if len(ps):
-        pass_ref = key_moment.reshape(n_src, d, n_src, d)[:, :, 0, :].diagonal(dim1=-2, dim2=-1)[:, ps]  # (S, p)
-        sign[:, ps] = torch.where(pass_ref < 0, -1.0, 1.0).to(f64)
-    mix = lam * sign  # normalised-space encoder, diagonal per source: ŷ = sum_s mix_s ⊙ k̂_s
-    safe_w0 = torch.where(weight[0].abs() < EPS, torch.full_like(weight[0], EPS), weight[0])
-    # pre-norm key k' = ŷ / w_0 (times r_0, which the norm erases): k' = sum_s (mix_s ⊙ scale_s / scale_0) k_s
-    safe_s0 = torch.where(scale[0].abs() < EPS, torch.full_like(scale[0], EPS), scale[0])
-    enc_pre = torch.cat([torch.diag(mix[s] * scale[s] / safe_s0) for s in range(n_src)], dim=1)
-    enc_norm = torch.cat([torch.diag(mix[s]) for s in range(n_src)], dim=1)
-    merged = enc_norm @ key_moment @ enc_norm.T  # E[ŷ ŷᵀ]
-    rho = float((merged.diagonal() / safe_w0.pow(2)).mean().clamp(min=EPS).sqrt())
+    # merged unit key k'_u = sum_s (λ σ w_s / w_0)_s ⊙ u_s, so w_0 ⊙ k'_u = sum_s λ_s σ_s ⊙ (w_s ⊙ u_s) = ŷ
+    ok = weight[0].abs() > 1e-8 * weight[0].abs().max().clamp(min=EPS)
+    ratio = torch.where(ok, weight / torch.where(ok, weight[0], torch.ones_like(weight[0])), torch.ones_like(weight))
+    unit_mix = lam * sign * ratio
+    mixer = torch.cat([torch.diag(unit_mix[s]) for s in range(n_src)], dim=1)
+    rho = float(((mixer @ unit_moment @ mixer.T).diagonal().sum() / d).clamp(min=EPS).sqrt())
+    enc_pre = torch.cat([torch.diag(unit_mix[s] * rms[0] / rms[s]) for s in range(n_src)], dim=1)
     dec = torch.cat([rho * torch.diag(sign[s]) for s in range(n_src)], dim=0)
     return enc_pre, dec
 
