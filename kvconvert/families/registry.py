@@ -95,7 +95,5 @@ REFUSED: dict[str, str] = {
     "MiniCPM3ForCausalLM": MLA,
     "KimiK25ForCausalLM": MLA,
     "GPTNeoXForCausalLM": f"GPT-NeoX: {MHA_ONLY} (its query_key_value is interleaved per head and fixed to MHA)",
-    "GPTJForCausalLM": f"GPT-J: {MHA_ONLY}",
-    "GPT2LMHeadModel": f"GPT-2: {MHA_ONLY}",
     "PersimmonForCausalLM": f"Persimmon: {MHA_ONLY}",
 }
