@@ -117,6 +117,8 @@ def gemma(b: Bench, path: str) -> None:
         "gemma3", "noisy 4 -> 1: weighted + linear (Llama-style maps)", noisy, nstats, 1, "weighted", held_out, "linear"
     )
     b.converted("gemma3", "noisy 4 -> 1: weighted + normalised (QK-norm merge)", noisy, nstats, 1, "weighted", held_out)
+    label = "noisy 4 -> 1: mean + normalised (QK-norm key merge, averaged values)"
+    b.converted("gemma3", label, noisy, nstats, 1, "mean", held_out)
     if b.args.refine_steps:
         b.converted(
             "gemma3",
