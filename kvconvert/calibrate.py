@@ -30,12 +30,13 @@ def layer_pass(
     """(attention input, layer output or None) of one decoder layer on `hidden`."""
     captured = {}
 
-    def hook(_, args):
-        captured["x"] = args[0]
+    def hook(_, args, kwargs):
+        captured["x"] = args[0] if args else kwargs["hidden_states"]
         if not need_output:
             raise _Captured
 
-    handle = runner.ckpt.family.attention_input_module(module).register_forward_pre_hook(hook)
+    attention = runner.ckpt.family.attention_module(module)
+    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         out = runner.forward(module, layer, hidden)
     except _Captured:

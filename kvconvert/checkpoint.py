@@ -102,30 +102,19 @@ class Checkpoint:
         return {k: meta[k] for k in keys if isinstance(meta.get(k), str) and meta[k]}
 
     def attention(self, layer: int) -> AttentionWeights:
-        """One layer's attention projections (biases where the checkpoint has them)."""
+        """One layer's attention projections (biases and QK-norm where the checkpoint has them), read by the family."""
         fam, t = self.family, self.tensors
-
-        def get(proj: str, kind: str = "weight") -> torch.Tensor | None:
-            name = fam.tensor_name(layer, proj, kind)
-            if kind == "bias" and name not in t:
-                return None
+        prefix = fam.prefix(layer)
+        tensors = {}
+        for name in fam.attention_names(layer, t.__contains__):
             value = t.get(name)
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise KVConvertError(
                     f"{name} of {self.spec} contains NaN/Inf; the checkpoint is corrupt or overflowed: re-download it "
                     "or convert a bfloat16/float32 copy"
                 )
-            return value
-
-        return AttentionWeights(
-            q_weight=get("q"),
-            k_weight=get("k"),
-            v_weight=get("v"),
-            o_weight=get("o"),
-            q_bias=get("q", "bias"),
-            k_bias=get("k", "bias"),
-            v_bias=get("v", "bias"),
-        )
+            tensors[name[len(prefix) :]] = value
+        return fam.read(tensors, fam.geometry(self.config))
 
     def fingerprint(self) -> dict:
         """Family, shapes and a sampled hash of every tensor: enough to tell statistics of another model apart.

@@ -17,10 +17,12 @@ from kvconvert.merge.losses import group_losses
 from kvconvert.merge.moments import AttentionWeights, LayerMoments, layer_moments
 from kvconvert.merge.pca import psd_sqrt
 from kvconvert.merge.problem import GroupProblem, MergeLoss
+from kvconvert.merge.qknorm import key_maps, with_norm_key_maps
 from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
 
 GROUPINGS = get_args(Grouping)
 PLAN_WORKERS = 8
+QK_NORM_MERGES = ("normalised", "linear")  # QK-norm families: norm-carried key maps, or the method's maps as is
 
 
 def group_problem(
@@ -78,6 +80,7 @@ def plan_layer(
     grouping: str,
     coherence: torch.Tensor,
     protected: frozenset[int] = frozenset(),
+    qk_norm: str = "normalised",
 ) -> LayerPlan:
     """Choose the groups (per `grouping`) and merge each with `method`. With `protected` (retrieval KV heads of a
     RazorAttention profile), the search weights a group's cost by 1 + its retrieval heads, x1000 past one."""
@@ -96,7 +99,14 @@ def plan_layer(
 
     def head(queries: tuple[int, ...]) -> NewHead:
         sources, p = problem(queries)
-        return NewHead(queries, sources, m.merge(p))
+        merge = m.merge(p)
+        if lm.key_rms is not None and qk_norm == "normalised":  # QK-norm: key maps the norms carry (qknorm.py)
+            src, d = list(sources), geom.head_dim
+            idx = torch.cat([torch.arange(s * d, (s + 1) * d) for s in src]).to(lm.key_unit_moment.device)
+            unit = lm.key_unit_moment[idx][:, idx].cpu()
+            maps = key_maps(unit, p.query_pair_energy, lm.key_rms[src], lm.key_weight[src], d, geom.rotary_dim)
+            merge = with_norm_key_maps(merge, *maps)
+        return NewHead(queries, sources, merge)
 
     def queries_of(kv_heads: Iterable[int]) -> tuple[int, ...]:
         return tuple(q for h in kv_heads for q in range(h * n_rep, (h + 1) * n_rep))
@@ -151,9 +161,12 @@ def decompose(
     device: str | torch.device = "cpu",
     on_layer: Callable[[int], None] | None = None,
     protected: Sequence[Iterable[int]] | None = None,
+    qk_norm: str = "normalised",
 ) -> CompressionPlan:
     """Plan every layer. `moments_of(layer)` gives (E[x xᵀ], E[x]) of the attention input in float64."""
     registry.get(method)  # unknown -> ValueError naming the methods
+    if qk_norm not in QK_NORM_MERGES:
+        raise ValueError(f"unknown QK-norm merge {qk_norm!r}; choose from {', '.join(QK_NORM_MERGES)}")
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
     if coherence is None:
@@ -169,7 +182,8 @@ def decompose(
             second, mean = moments_of(layer)
             lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
             keep = frozenset(protected[layer]) if protected else frozenset()
-            pending[pool.submit(plan_layer, lm, geom, n_new, method, grouping, coherence, keep)] = layer
+            job = (lm, geom, n_new, method, grouping, coherence, keep, qk_norm)
+            pending[pool.submit(plan_layer, *job)] = layer
             del lm, second, mean
             if len(pending) >= 2 * workers:
                 _collect(pending, layers, on_layer, wait_all=False)

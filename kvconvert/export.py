@@ -19,13 +19,13 @@ import torch
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
+from kvconvert.families.base import converted_shapes, converted_tensors
 from kvconvert.io.shards import ShardPlan, Spec, write_shards
 from kvconvert.io.staging import check_not_input, check_replaceable, staged
 from kvconvert.memory import release_memory
 from kvconvert.progress import Progress, Silent
-from kvconvert.types import FIELDS, KV_FIELDS, AttentionWeights
 
-__all__ = ["FIELDS", "ExportResult", "prepare_output", "write_checkpoint", "write_into"]
+__all__ = ["ExportResult", "prepare_output", "write_checkpoint", "write_into"]
 
 
 @dataclass(frozen=True)
@@ -41,29 +41,28 @@ def prepare_output(output: Path, source: Path, overwrite: bool) -> None:
     check_replaceable(output, overwrite=overwrite, directory=True)
 
 
-def attention_index(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
-    """Checkpoint name -> (layer, AttentionWeights field) of every attention projection tensor."""
+def attention_index(ckpt: Checkpoint) -> dict[str, int]:
+    """Checkpoint name -> layer of every attention tensor (the family says which names a layer has)."""
     fam, n_layers = ckpt.family, ckpt.family.geometry(ckpt.config).num_layers
-    index = {}
-    for layer in range(n_layers):
-        for (proj, kind), field in FIELDS.items():
-            name = fam.tensor_name(layer, proj, kind)
-            if name in ckpt.tensors:
-                index[name] = (layer, field)
-    return index
+    return {name: layer for layer in range(n_layers) for name in fam.attention_names(layer, ckpt.tensors.__contains__)}
+
+
+def _new_shapes(ckpt: Checkpoint, attn: dict[str, int], n_new: int) -> dict[str, list[int]]:
+    """Shapes of the converted attention tensors, laid out by the family."""
+    fam, geom = ckpt.family, ckpt.family.geometry(ckpt.config)
+    by_layer: dict[int, dict[str, list[int]]] = {}
+    for name, layer in attn.items():
+        by_layer.setdefault(layer, {})[name] = ckpt.tensors.shape(name)
+    return {
+        n: s for layer, shapes in by_layer.items() for n, s in converted_shapes(fam, layer, shapes, geom, n_new).items()
+    }
 
 
 def output_specs(conv: Converted) -> dict[str, Spec]:
-    """Dtype and shape of every output tensor (the source's, with K/V rows for the new head count)."""
+    """Dtype and shape of every output tensor (the source's, attention as the family lays out the new head count)."""
     ckpt, reader = conv.ckpt, conv.ckpt.tensors
-    attn, head_dim = attention_index(ckpt), ckpt.family.geometry(ckpt.config).head_dim
-    specs = {}
-    for name in reader.names():
-        shape = reader.shape(name)
-        if name in attn and attn[name][1] in KV_FIELDS:
-            shape[0] = conv.plan.num_kv_heads_after * head_dim
-        specs[name] = (reader.dtype(name), tuple(shape))
-    return specs
+    shapes = _new_shapes(ckpt, attention_index(ckpt), conv.plan.num_kv_heads_after)
+    return {name: (reader.dtype(name), tuple(shapes.get(name) or reader.shape(name))) for name in reader.names()}
 
 
 class TensorSource:
@@ -71,18 +70,23 @@ class TensorSource:
 
     def __init__(self, conv: Converted):
         self.conv, self.attn = conv, attention_index(conv.ckpt)
+        self.geom = conv.ckpt.family.geometry(conv.ckpt.config).with_kv_heads(conv.plan.num_kv_heads_after)
         self.remaining: dict[int, int] = {}
-        for layer, _ in self.attn.values():
+        for layer in self.attn.values():
             self.remaining[layer] = self.remaining.get(layer, 0) + 1
-        self.folded: dict[int, AttentionWeights] = {}
+        self.folded: dict[int, dict[str, torch.Tensor]] = {}
+
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> tensor of one converted layer's attention, as the family writes it."""
+        return converted_tensors(self.conv.ckpt.family, layer, self.conv.attention(layer), self.geom)
 
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self.attn:
             return self.conv.ckpt.tensors.get(name)
-        layer, field = self.attn[name]
+        layer = self.attn[name]
         if layer not in self.folded:
-            self.folded[layer] = self.conv.attention(layer)
-        t = getattr(self.folded[layer], field).contiguous()
+            self.folded[layer] = self.layer(layer)
+        t = self.folded[layer][name].contiguous()
         _check_finite(t, name)
         self.remaining[layer] -= 1
         if self.remaining[layer] == 0:

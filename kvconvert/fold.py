@@ -52,6 +52,8 @@ def fold_layer(w: AttentionWeights, plan: LayerPlan, geom: AttentionGeometry) ->
         for i in h.query_heads:
             s = src.index(i // n_rep)
             kd = m.key_decoder[s * d : (s + 1) * d]
+            if geom.qk_norm is not None:  # the gain goes into the key norm (fold_norms), not through the query norm
+                kd = kd / decoder_gain(m.key_decoder)
             vd = m.value_decoder[s * d : (s + 1) * d]
             out = slice(row * d, (row + 1) * d)
             new_q[out] = kd.T @ q[i].to(F64)
@@ -62,6 +64,7 @@ def fold_layer(w: AttentionWeights, plan: LayerPlan, geom: AttentionGeometry) ->
     if row != geom.num_heads:
         raise ValueError(f"layer plan covers {row} of {geom.num_heads} query heads")
 
+    q_norm, k_norm = fold_norms(w, plan, geom)
     return AttentionWeights(
         q_weight=new_q,
         k_weight=new_k,
@@ -70,4 +73,40 @@ def fold_layer(w: AttentionWeights, plan: LayerPlan, geom: AttentionGeometry) ->
         q_bias=new_qb,
         k_bias=new_kb,
         v_bias=new_vb,
+        o_bias=w.o_bias,
+        q_norm=q_norm,
+        k_norm=k_norm,
     )
+
+
+def fold_norms(
+    w: AttentionWeights, plan: LayerPlan, geom: AttentionGeometry
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """QK-norm weights of the merged layer.
+
+    Query-norm rows follow their query heads into plan order. Each new key head keeps the key-norm weight of its
+    first source, times the RMS gain of its key decoder: the decoder maps the new head's *normalised* key back to
+    each source's normalised key, and a norm cannot carry a gain through its input, so the gain goes into the
+    weight (one shared weight: the mean gain). Identity decoders (exact duplicates, expansion) change nothing.
+    """
+    norm = geom.qk_norm
+    if norm is None or w.k_norm is None:
+        return w.q_norm, w.k_norm
+    d = geom.head_dim
+    order = plan.query_order
+    q_norm = w.q_norm
+    if norm.scope != "head":
+        q_norm = norm.from_heads(norm.per_head(w.q_norm, geom.num_heads, d)[order], w.q_norm)
+    old = norm.per_head(w.k_norm, geom.num_kv_heads, d)
+    gains = [decoder_gain(h.merge.key_decoder) for h in plan.heads]
+    if norm.scope == "head":  # one weight for all heads: their mean gain
+        return q_norm, norm.from_heads(old[:1] * (sum(gains) / len(gains)), w.k_norm)
+    if norm.scope == "all":  # one RMS over all heads: the gain of the whole projection
+        gains = [(sum(g * g for g in gains) / len(gains)) ** 0.5] * len(gains)
+    rows = torch.stack([old[h.kv_heads[0]] * g for h, g in zip(plan.heads, gains, strict=True)])
+    return q_norm, norm.from_heads(rows, w.k_norm)
+
+
+def decoder_gain(decoder: torch.Tensor) -> float:
+    """RMS gain of a key decoder (S*d, d): sqrt(||D||² / (S*d)); 1 for identity blocks."""
+    return float(decoder.pow(2).sum() / decoder.shape[0]) ** 0.5

@@ -14,7 +14,7 @@ def check_source(ckpt: Checkpoint, *, require_tokenizer: bool = True) -> None:
     """
     reader, fam = ckpt.tensors, ckpt.family
     geom = fam.geometry(ckpt.config)
-    needed = [fam.embed_name] + [fam.tensor_name(i, p) for i in range(geom.num_layers) for p in "qkvo"]
+    needed = [fam.embed_name] + [n for i in range(geom.num_layers) for n in fam.weight_names(i)]
     missing = [name for name in needed if name not in reader]
     if missing:
         raise KVConvertError(

@@ -16,28 +16,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kvconvert.calibrate import layer_pass
 from kvconvert.config import RefineConfig, RefineInputs
 from kvconvert.converted import Converted
-from kvconvert.export import FIELDS
 from kvconvert.memory import release_memory
-from kvconvert.merge.moments import AttentionWeights
 from kvconvert.progress import Progress, Silent
 from kvconvert.streaming import HiddenStore, LayerRunner
+from kvconvert.types import AttentionWeights
 
 INPUTS = get_args(RefineInputs)
 RefineOptions = RefineConfig
 """Former name: the refine stage takes `kvconvert.config.RefineConfig` (steps, lr relative to each tensor's RMS,
 batch_size, inputs)."""
-
-
-def _attention_state(w: AttentionWeights, names: dict[str, str]) -> dict[str, torch.Tensor]:
-    return {names[f]: getattr(w, f) for f in names if getattr(w, f) is not None}
-
-
-def _module_names(ckpt) -> dict[str, str]:
-    """AttentionWeights field -> parameter name inside the attention module (e.g. q_weight -> q_proj.weight)."""
-    fam = ckpt.family
-    return {field: f"{fam.proj_names['qkvo'.index(proj)]}.{kind}" for (proj, kind), field in FIELDS.items()}
 
 
 class _Capture:
@@ -57,9 +47,10 @@ class _Capture:
 
 def _call(attn: nn.Module, runner: LayerRunner, layer: int, x: torch.Tensor) -> torch.Tensor:
     ctx = runner.context(x, layer)
-    return attn(hidden_states=x, position_embeddings=ctx["position_embeddings"], attention_mask=ctx["attention_mask"])[
-        0
-    ]
+    extra = runner.ckpt.family.layer_kwargs
+    return attn(
+        hidden_states=x, position_embeddings=ctx["position_embeddings"], attention_mask=ctx["attention_mask"], **extra
+    )[0]
 
 
 @torch.no_grad()
@@ -112,9 +103,12 @@ def refine(
     ckpt = conv.ckpt
     runner = LayerRunner(ckpt, device, dtype)
     with torch.device("meta"):
-        new_layers = AutoModelForCausalLM.from_config(conv.config).base_model.layers
-    names = _module_names(ckpt)
-    attn_path = ckpt.family.layer_prefix.split("{layer}.")[1].strip(".")
+        config = conv.config
+        config._attn_implementation = runner.config._attn_implementation
+        new_layers = AutoModelForCausalLM.from_config(config).get_submodule(ckpt.family.layers_path)
+    fam = ckpt.family
+    new_geom = fam.geometry(ckpt.config).with_kv_heads(conv.plan.num_kv_heads_after)
+    attn_path = fam.attention
     store.mkdir(parents=True, exist_ok=True)
     shape = (len(windows), windows.shape[1], ckpt.config.hidden_size)
     sequential = opts.inputs == "sequential"
@@ -141,10 +135,12 @@ def refine(
                 cap.remove()
                 if sequential:
                     for start, stop in spans:
-                        x_conv.write(start, module.input_layernorm(hidden_conv.read(start, stop, device)))
+                        x_conv.write(
+                            start, layer_pass(runner, module, layer, hidden_conv.read(start, stop, device), False)[0]
+                        )
             attn = getattr(new_layers[layer], attn_path)
-            init = conv.attention(layer)
-            state = {k: v.to(device, dtype) for k, v in _attention_state(init, names).items()}
+            init = fam.write(conv.attention(layer), new_geom)
+            state = {k: v.to(device, dtype) for k, v in init.items()}
             attn.load_state_dict(state, strict=True, assign=True)
             x_fit = x_conv if sequential else x_orig
             before = _error(attn, runner, layer, x_fit, y_orig, spans)
@@ -160,11 +156,8 @@ def refine(
                     for start, stop in spans:
                         hidden_conv.write(start, runner.forward(module, layer, hidden_conv.read(start, stop, device)))
                     setattr(module, attn_path, original_attn)
-            tensors = {
-                k: v.detach().to("cpu", getattr(init, f).dtype).contiguous()
-                for f, k in names.items()
-                if (v := attn.state_dict().get(k)) is not None
-            }
+            fitted = attn.state_dict()
+            tensors = {k: fitted[k].detach().to("cpu", v.dtype).contiguous() for k, v in init.items()}
             save_file(tensors, str(store / f"layer-{layer}.safetensors"))
             records.append(
                 {"layer": layer, "error_before": round(before, 6), "error_after": round(after, 6), "kept": kept}
@@ -179,7 +172,6 @@ def refine(
                 s.close()
 
     def overrides(layer: int) -> AttentionWeights:
-        tensors = load_file(str(store / f"layer-{layer}.safetensors"))
-        return AttentionWeights(**{f: tensors.get(k) for f, k in names.items()})
+        return fam.read(load_file(str(store / f"layer-{layer}.safetensors")), new_geom)
 
     return Converted(ckpt, conv.plan, overrides), records

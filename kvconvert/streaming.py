@@ -7,6 +7,7 @@ disk-backed file when they do not fit), so peak memory is about one layer plus t
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -68,20 +69,33 @@ class LayerRunner:
 
         self.ckpt, self.device, self.dtype = ckpt, device, dtype
         config = copy.deepcopy(ckpt.config)
-        config._attn_implementation = "sdpa"
         self.config = config
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+        for impl in ("sdpa", "eager"):  # eager where a family needs it (Gemma 2's attention soft-capping)
+            config._attn_implementation = impl
+            try:
+                with torch.device("meta"):
+                    skeleton = AutoModelForCausalLM.from_config(config)
+                break
+            except ValueError:
+                if impl == "eager":
+                    raise
         self.base = skeleton.base_model
-        self.layers = self.base.layers
+        self.layers = skeleton.get_submodule(ckpt.family.layers_path)
         self.rotary = type(self.base.rotary_emb)(config=config).to(device)
+        self._typed_rotary = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
         self._prefix = ckpt.family.layers_path + "."
+        embed = self.base.get_input_embeddings()
+        # Gemma scales its embeddings inside the embedding module, Granite in the model's forward
+        self.embed_scale = float(getattr(embed, "scalar_embed_scale", getattr(config, "embedding_multiplier", 1.0)))
 
     def embed_into(self, store: HiddenStore, windows: torch.Tensor, batches: list[tuple[int, int]]) -> None:
         """Input embeddings of every window into `store` (gathered in the stored dtype, kept in the compute dtype)."""
         weight = self.ckpt.tensors.get(self.ckpt.family.embed_name).to(self.device)
         for start, stop in batches:
-            store.write(start, nn.functional.embedding(windows[start:stop].to(self.device), weight).to(self.dtype))
+            x = nn.functional.embedding(windows[start:stop].to(self.device), weight)
+            if self.embed_scale != 1.0:
+                x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+            store.write(start, x.to(self.dtype))
 
     def load(self, layer: int) -> nn.Module:
         """Decoder layer `layer` with its weights, on the device, in the compute dtype."""
@@ -89,6 +103,9 @@ class LayerRunner:
         prefix = f"{self._prefix}{layer}."
         names = [n for n in self.ckpt.tensors.names() if n.startswith(prefix)]
         state = {n[len(prefix) :]: self.ckpt.tensors.get(n).to(self.device, self.dtype) for n in names}
+        if set(state) != set(module.state_dict()):  # stored in another format (MoE experts): let transformers convert
+            state = converted_layer_state(self.config, layer, state, prefix)
+            state = {n: t.to(self.device, self.dtype) for n, t in state.items()}
         module.load_state_dict(state, strict=True, assign=True)  # the loaded tensors become the parameters
         return module.eval()
 
@@ -103,6 +120,7 @@ class LayerRunner:
         kinds = getattr(self.config, "layer_types", None)
         sliding = kinds[layer] == "sliding_attention" if kinds else bool(getattr(self.config, "sliding_window", None))
         make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+        rotary = self.rotary(hidden, positions, kinds[layer]) if self._typed_rotary else self.rotary(hidden, positions)
         mask = make_mask(
             config=self.config,
             inputs_embeds=hidden,
@@ -113,9 +131,30 @@ class LayerRunner:
         return {
             "attention_mask": mask,
             "position_ids": positions,
-            "position_embeddings": self.rotary(hidden, positions),
+            "position_embeddings": rotary,
         }
 
     @torch.no_grad()
     def forward(self, module: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return module(hidden, **self.context(hidden, layer))
+        out = module(hidden, **self.context(hidden, layer), **self.ckpt.family.layer_kwargs)
+        return out[0] if isinstance(out, tuple) else out  # Falcon's layers return (hidden, ...)
+
+
+def converted_layer_state(config, layer: int, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One decoder layer's state as its module holds it, from tensors in checkpoint format (e.g. MoE experts stored
+    one module per expert, held fused): a one-layer model is loaded by transformers, which applies its own
+    conversions. Costs one temporary file of the layer."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    if getattr(one, "layer_types", None):
+        one.layer_types = [one.layer_types[layer]]
+    one.tie_word_embeddings = True
+    inner = prefix.rsplit(".", 2)[0] + ".0."
+    with tempfile.TemporaryDirectory() as tmp:
+        one.save_pretrained(tmp)
+        save_file({inner + n: t.contiguous().cpu() for n, t in state.items()}, f"{tmp}/model.safetensors")
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=next(iter(state.values())).dtype)
+    return {n: t.detach() for n, t in model.get_submodule(inner.rstrip(".")).state_dict().items()}

@@ -1,5 +1,5 @@
-"""Data objects shared by several stages, with no dependencies of their own: one layer's attention weights and the
-table naming each projection tensor's field."""
+"""Data objects shared by several stages, with no dependencies of their own: one layer's attention weights, the one
+layout every family is read into and merges fold."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import torch
 
 @dataclass(frozen=True)
 class AttentionWeights:
-    """One layer's attention projections as stored (out_features, in_features); biases optional."""
+    """One layer's attention projections as stored (out_features, in_features); biases and QK-norm optional.
+
+    Every family is read into this one layout: separate q/k/v/o, heads contiguous, RoPE pairs (j, j + r/2).
+    `q_norm`/`k_norm` are the QK-norm weights as stored (shape per the family's `QKNorm.scope`).
+    """
 
     q_weight: torch.Tensor
     k_weight: torch.Tensor
@@ -19,18 +23,6 @@ class AttentionWeights:
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
-
-
-FIELDS: dict[tuple[str, str], str] = {
-    ("q", "weight"): "q_weight",
-    ("k", "weight"): "k_weight",
-    ("v", "weight"): "v_weight",
-    ("o", "weight"): "o_weight",
-    ("q", "bias"): "q_bias",
-    ("k", "bias"): "k_bias",
-    ("v", "bias"): "v_bias",
-}
-"""(projection, kind) -> `AttentionWeights` field."""
-
-KV_FIELDS = ("k_weight", "v_weight", "k_bias", "v_bias")
-"""Fields whose leading dimension is num_kv_heads * head_dim (they shrink in a conversion)."""
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None

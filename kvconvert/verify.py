@@ -21,7 +21,6 @@ from kvconvert.export import TensorSource, output_specs
 from kvconvert.io.shards import spec_of
 from kvconvert.memory import release_memory
 from kvconvert.streaming import HiddenStore, LayerRunner
-from kvconvert.types import FIELDS
 
 HEAD_ROWS = 8192
 """Rows of the output head multiplied at a time (keeps the head's fp32 copy small)."""
@@ -56,7 +55,7 @@ def check_tensors(written: Checkpoint, conv: Converted) -> int:
 
 def _layer_order(conv: Converted):
     index = TensorSource(conv).attn
-    return lambda name: (index.get(name, (-1, ""))[0], name)
+    return lambda name: (index.get(name, -1), name)
 
 
 class _ConvertedTensors:
@@ -75,10 +74,10 @@ class _ConvertedTensors:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._source.attn:
             return self._reader.get(name)
-        layer, field = self._source.attn[name]
+        layer = self._source.attn[name]
         if self._layer is None or self._layer[0] != layer:
-            self._layer = (layer, self._source.conv.attention(layer))
-        return getattr(self._layer[1], field)
+            self._layer = (layer, self._source.layer(layer))
+        return self._layer[1][name]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.get(name)[start:stop] if name in self._source.attn else self._reader.rows(name, start, stop)
@@ -149,12 +148,9 @@ def converted_in_memory(conv: Converted, dtype: torch.dtype = torch.float32):
     ckpt = conv.ckpt
     model = AutoModelForCausalLM.from_config(conv.config, dtype=dtype)
     state = {name: ckpt.tensors.get(name) for name in ckpt.tensors.names()}
+    source = TensorSource(conv)
     for layer in range(len(conv.plan.layers)):
-        new = conv.attention(layer)
-        for (proj, kind), field in FIELDS.items():
-            name = ckpt.family.tensor_name(layer, proj, kind)
-            if name in state:
-                state[name] = getattr(new, field)
+        state.update(source.layer(layer))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
         raise KVConvertError(f"converted tensors do not match the model: missing {missing}, unexpected {unexpected}")

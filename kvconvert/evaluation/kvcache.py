@@ -6,6 +6,20 @@ import torch
 
 
 def _kv_heads_and_head_dim(config) -> tuple[int, int]:
+    """Heads per layer the cache holds and head size, as the model's family reads them, else the usual keys.
+
+    Falcon's transformers attention caches its keys and values already broadcast to every query head, so its
+    DynamicCache holds num_attention_heads heads per layer whatever num_kv_heads is (llama.cpp's does not).
+    """
+    from kvconvert.errors import KVConvertError
+    from kvconvert.families import family_for
+
+    try:
+        fam = family_for(config)
+        geom = fam.geometry(config)
+        return (geom.num_heads if fam.cache_heads == "query" else geom.num_kv_heads), geom.head_dim
+    except KVConvertError:
+        pass
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return n_kv, head_dim

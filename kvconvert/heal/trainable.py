@@ -20,11 +20,11 @@ def select_trainable(model, family: Family, mode: str, lora_rank: int = 16):
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules="all-linear")
         return get_peft_model(model, config)
     embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    attn_scope = family.layer_prefix.split("{layer}.")[1]  # "self_attn."
+    attn_scope, projections = f"{family.attention}.", family.projection_modules()
     for name, p in model.named_parameters():
         if mode == "attn":
             module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
-            p.requires_grad_(f".{attn_scope}" in f".{name}" and module in family.proj_names)
+            p.requires_grad_(f".{attn_scope}" in f".{name}" and module in projections)
         else:
             p.requires_grad_(id(p) not in embeddings)
     if not any(p.requires_grad for p in model.parameters()):
