@@ -123,10 +123,10 @@ def calibration_windows(
     tokenizer = load_tokenizer(ckpt)
     if dataset != SELF:
         return token_windows(tokenizer, iter_texts(dataset, text_field), samples, seq_len, dataset)
-    (progress or Silent()).log(f"sampling {samples} x {seq_len} tokens from the model (--dataset self)")
     model = load_model(ckpt, device, dtype)
     spans = part.batches(samples, batch_size)
-    local = sample_windows(model, tokenizer, samples, seq_len, batch_size, seed, spans)
+    name = Path(str(ckpt.spec)).name or str(ckpt.spec)
+    local = sample_windows(model, tokenizer, samples, seq_len, batch_size, seed, spans, progress, name)
     del model
     return gather_rows(local, spans, samples, part)
 

@@ -20,6 +20,7 @@ from kvconvert.atomic import swap_into_place
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
+from kvconvert.filemodes import use_umask
 from kvconvert.memory import release_memory
 from kvconvert.merge.moments import AttentionWeights
 from kvconvert.progress import Progress, Silent
@@ -126,6 +127,7 @@ def write_checkpoint(
             shutil.copyfile(path, tmp / path.name)
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
+        use_umask(tmp)  # safetensors writes 0600
         _swap_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from kvconvert.errors import KVConvertError
+from kvconvert.filemodes import use_umask
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
@@ -99,6 +100,7 @@ def safetensors_copy(directory: Path, cache: Path, side_files: list[Path], tied:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for path in [directory / "config.json", *side_files]:
             shutil.copyfile(path, tmp / path.name)
+        use_umask(tmp)  # mkdtemp is 0700 and safetensors writes 0600
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,9 +25,10 @@ from kvconvert.plan import CompressionPlan
 from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
 from kvconvert.refine import RefineOptions, refine
+from kvconvert.sources import read_provenance
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
-from kvconvert.textdata import windows_digest
+from kvconvert.textdata import describe, windows_digest
 from kvconvert.verify import VerifyResult, converted_in_memory, verify
 
 
@@ -286,6 +287,7 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
     energy per layer). No timestamps or machine details: the same inputs give the same bytes."""
     geom = ckpt.family.geometry(ckpt.config)
     n_new = plan.num_kv_heads_after
+    dtype = ckpt.tensors.dtype(ckpt.family.tensor_name(0, "k", "weight"))
     return {
         "kvconvert_version": __version__,
         "name": (ckpt.base_model or "").rsplit("/", 1)[-1] or Path(ckpt.spec).name or ckpt.spec,
@@ -293,19 +295,18 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
         "base_model": ckpt.base_model,
         "license": ckpt.license.get("license"),
         **{k: v for k, v in ckpt.license.items() if k != "license"},
+        "dtype": str(dtype).removeprefix("torch."),
+        "gguf_source": read_provenance(ckpt.path),
         "kv_cache": {
-            "dtype_bytes": KV_DTYPE_BYTES,
+            "dtype": str(dtype).removeprefix("torch."),
+            "dtype_bytes": dtype.itemsize,
             "bytes_per_token": {
-                "before": geom.kv_bytes_per_token(KV_DTYPE_BYTES),
-                "after": geom.with_kv_heads(n_new).kv_bytes_per_token(KV_DTYPE_BYTES),
+                "before": geom.kv_bytes_per_token(dtype.itemsize),
+                "after": geom.with_kv_heads(n_new).kv_bytes_per_token(dtype.itemsize),
             },
             "context_length": getattr(ckpt.config, "max_position_embeddings", None),
         },
         "fingerprint": stats.fingerprint,
-        "calibration": {**stats.source, "tokens": stats.n_tokens},
+        "calibration": {**stats.source, "data": describe(stats.source.get("dataset", "")), "tokens": stats.n_tokens},
         **plan.summary(),
     }
-
-
-KV_DTYPE_BYTES = 2
-"""The card's KV-cache sizes are for 16-bit (bf16/fp16) caches, what runtimes serve these models in."""

@@ -13,6 +13,7 @@ from kvconvert.card import model_card
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.errors import KVConvertError
 from kvconvert.export import _swap_into_place
+from kvconvert.filemodes import use_umask
 
 
 def student_tensors(model, student: Checkpoint) -> dict[str, torch.Tensor]:
@@ -56,6 +57,7 @@ def write_healed(
             (tmp / "README.md").write_text(model_card(record))
         elif (student.path / "README.md").exists():
             shutil.copyfile(student.path / "README.md", tmp / "README.md")
+        use_umask(tmp)  # safetensors writes 0600
         _swap_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
