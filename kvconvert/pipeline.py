@@ -267,6 +267,7 @@ def _compress_with_stats(
     result = None
     if req.verify:
         t0 = time.perf_counter()
+        progress.log(f"verifying {req.output}: reloading it with transformers and comparing logits")
         result = verify(req.output, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
         timings["verify"] = time.perf_counter() - t0
         if not result.ok:

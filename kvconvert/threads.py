@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
@@ -43,12 +44,21 @@ def physical_cores(cpuinfo: str | None = None) -> int:
     return max(1, usable)
 
 
-def other_load() -> float:
-    """Runnable processes besides this one, from the 1-minute load average (0 where it cannot be read)."""
-    try:
-        return max(0.0, os.getloadavg()[0])
-    except OSError:
+def other_load(samples: int = 9, pause: float = 0.01) -> float:
+    """Threads of other processes that want a CPU right now: the median of a few reads of /proc/stat's
+    `procs_running` (which counts this process too), 0 where it cannot be read. Unlike the load average, it sees
+    work that started a moment ago and forgets work that just ended (such as the install before a first run)."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
         return 0.0
+    counts = []
+    for i in range(samples):
+        for line in stat.read_text().splitlines():
+            if line.startswith("procs_running"):
+                counts.append(int(line.split()[1]) - 1)
+        if i + 1 < samples:
+            time.sleep(pause)
+    return float(max(0, sorted(counts)[len(counts) // 2])) if counts else 0.0
 
 
 def default_threads(cores: int | None = None, load: float | None = None) -> int:

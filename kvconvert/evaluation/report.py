@@ -78,10 +78,14 @@ def evaluate(
 
 
 def _short(spec: str) -> str:
-    """A model spec as it reads in a progress line: a path's last part, else the spec."""
+    """A model spec as it reads in a progress line: a path's last part (a cached GGUF conversion's file name),
+    else the spec."""
     from pathlib import Path
 
-    return Path(spec).name or spec
+    from kvconvert.sources import read_provenance
+
+    origin = read_provenance(Path(spec)) if Path(spec).is_dir() else None
+    return origin["gguf_file"] if origin else (Path(spec).name or spec)
 
 
 def compare(base: dict, model: dict) -> dict:
