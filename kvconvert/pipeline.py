@@ -288,7 +288,8 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
     energy per layer). No timestamps or machine details: the same inputs give the same bytes."""
     geom = ckpt.family.geometry(ckpt.config)
     n_new = plan.num_kv_heads_after
-    dtype = ckpt.tensors.dtype(ckpt.family.tensor_name(0, "k", "weight"))
+    key = ckpt.family.tensor_name(0, "k", "weight")
+    dtype = ckpt.tensors.dtype(key if key in ckpt.tensors else next(iter(ckpt.tensors.names())))
     return {
         "kvconvert_version": __version__,
         "name": (ckpt.base_model or "").rsplit("/", 1)[-1] or Path(ckpt.spec).name or ckpt.spec,
