@@ -88,7 +88,7 @@ def front_matter(info: dict) -> dict:
             EvalResult(
                 task_type="text-generation",
                 dataset_type=dataset,
-                dataset_name=ev.get("data") or dataset,
+                dataset_name=(ev.get("data") or dataset).replace("`", ""),
                 metric_type="perplexity",
                 metric_value=round(ev["perplexity"]["after"], 4),
                 metric_config=f"{ev['samples']}x{ev['seq_len']} tokens, {ev['dtype']}",
