@@ -41,16 +41,19 @@ def clock(seconds: float) -> str:
 
 
 class PlainProgress:
-    """Progress as plain lines, for logs: a line when a stage starts, every `interval` seconds while it runs
-    (done/total, rate, ETA) and when it completes."""
+    """Progress as plain lines, for logs: every `interval` seconds while a stage runs (done/total, rate, ETA) and
+    when it completes, unless it took under `quiet_below` seconds. Nothing when it starts: stages that fail or
+    finish at once leave a failing command with just its one error line."""
 
     def __init__(
         self,
         stream: TextIO | None = None,
         interval: float = LOG_INTERVAL,
         now: Callable[[], float] = time.monotonic,
+        quiet_below: float = 2.0,
     ) -> None:
         self._stream = stream
+        self._quiet_below = quiet_below
         self._interval = interval
         self._now = now
 
@@ -61,7 +64,6 @@ class PlainProgress:
     def task(self, description: str, total: int | None) -> Advance:
         start = self._now()
         state = {"done": 0, "last": start, "info": "", "finished": False}
-        self._print(f"{description}: started" + (f", 0/{total:,}" if total else ""))
 
         def advance(n: int = 1, info: str | None = None) -> None:
             state["done"] += n
@@ -72,6 +74,8 @@ class PlainProgress:
             finished = total is not None and done >= total
             if finished and not state["finished"]:
                 state["finished"] = True
+                if elapsed < self._quiet_below and state["last"] == start:
+                    return  # a stage this short needs no log line (and a failing command keeps its one line)
                 rate = f", {done / elapsed:,.1f}/s" if elapsed > 0 else ""
                 self._print(f"{description}: done, {done:,}/{total:,} in {clock(elapsed)}{rate}{self._info(state)}")
             elif not finished and now - state["last"] >= self._interval:
