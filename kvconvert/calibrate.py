@@ -142,10 +142,10 @@ def calibration_windows(
     tokenizer = load_tokenizer(ckpt)
     if text.dataset != SELF:
         return token_windows(tokenizer, iter_texts(text.dataset, text.text_field), samples, seq_len, text.dataset)
-    (progress or Silent()).log(f"sampling {samples} x {seq_len} tokens from the model (--dataset self)")
     model = load_model(ckpt, device, dtype)
     spans = part.batches(samples, text.batch_size)
-    local = sample_windows(model, tokenizer, samples, seq_len, text.batch_size, text.seed, spans)
+    name = Path(str(ckpt.spec)).name or str(ckpt.spec)
+    local = sample_windows(model, tokenizer, samples, seq_len, text.batch_size, text.seed, spans, progress, name)
     del model
     return gather_rows(local, spans, samples, part)
 

@@ -48,6 +48,8 @@ def update_record(directory: Path, **sections) -> dict:
 
 def evaluation_section(report: dict, baseline: str | None) -> dict:
     """What the card keeps of a `kvconvert eval` report (with `baseline`, the original, when it was compared)."""
+    from kvconvert.textdata import describe
+
     model, base = report["model"], report.get("baseline")
     return {
         "dataset": report["dataset"],
@@ -55,6 +57,7 @@ def evaluation_section(report: dict, baseline: str | None) -> dict:
         "seq_len": report["seq_len"],
         "seed": report["seed"],
         "dtype": report["dtype"],
+        "data": describe(report["dataset"]),
         "tokens_sha256": report["tokens_sha256"],
         "baseline": baseline if base else None,
         "perplexity": {"before": base["perplexity"] if base else None, "after": model["perplexity"]},
@@ -71,18 +74,37 @@ def record_evaluation(model: str, report: dict, baseline: str | None) -> Path | 
 
 
 def front_matter(info: dict) -> dict:
-    """Hub metadata: base model (only a real Hub id), library, license carried from the base, tags."""
-    front: dict = {}
+    """Hub metadata: base model (only a real Hub id), library, license carried from the base, tags, and the
+    measured perplexity as a model-index entry (`huggingface_hub.EvalResult`)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     base = info.get("base_model")
-    if isinstance(base, str) and HUB_ID.fullmatch(base):
-        front["base_model"] = base
-    front["library_name"] = "transformers"
-    for key in ("license", "license_name", "license_link"):
-        if info.get(key):
-            front[key] = info[key]
-    front["pipeline_tag"] = "text-generation"
-    front["tags"] = TAGS
-    return front
+    licence = {key: info[key] for key in ("license_name", "license_link") if info.get(key)}
+    ev = info.get("evaluation")
+    results = None
+    if ev:
+        dataset = ev["dataset"]
+        results = [
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=dataset,
+                dataset_name=(ev.get("data") or dataset).replace("`", ""),
+                metric_type="perplexity",
+                metric_value=round(ev["perplexity"]["after"], 4),
+                metric_config=f"{ev['samples']}x{ev['seq_len']} tokens, {ev['dtype']}",
+            )
+        ]
+    data = ModelCardData(
+        base_model=base if isinstance(base, str) and HUB_ID.fullmatch(base) else None,
+        library_name="transformers",
+        license=info.get("license") or None,
+        pipeline_tag="text-generation",
+        tags=TAGS,
+        model_name=(info.get("name") or "model") + "-kvconvert" if results else None,
+        eval_results=results,
+        **licence,
+    )
+    return data.to_dict()
 
 
 def _mib(n: float) -> str:
@@ -94,29 +116,46 @@ def _kv_rows(info: dict) -> list[str]:
     rows = [f"| KV heads per layer | {kv['before']} | {kv['after']} |"]
     cache = info.get("kv_cache")
     if cache:
-        per = cache["bytes_per_token"]
-        bits = 8 * cache["dtype_bytes"]
-        rows.append(f"| KV cache per token ({bits}-bit) | {per['before']:,} B | {per['after']:,} B |")
+        per, size = cache["bytes_per_token"], cache["dtype_bytes"]
+        label = cache.get("dtype") or f"{8 * size}-bit"
+        rows.append(f"| KV cache per token ({label}) | {per['before']:,} B | {per['after']:,} B |")
         ctx = cache.get("context_length")
         if ctx:
             before, after = _mib(per["before"] * ctx), _mib(per["after"] * ctx)
-            rows.append(f"| KV cache at {ctx:,} tokens ({bits}-bit) | {before} | {after} |")
+            rows.append(f"| KV cache at {ctx:,} tokens ({label}) | {before} | {after} |")
+        if size != 2:  # what runtimes usually serve in
+            half = {k: v * 2 // size for k, v in per.items()}
+            rows.append(f"| KV cache per token (16-bit) | {half['before']:,} B | {half['after']:,} B |")
     ev = info.get("evaluation")
     if ev:
         ppl = ev["perplexity"]
         before = f"{ppl['before']:.2f}" if ppl.get("before") is not None else "not measured"
         rows.append(
-            f"| perplexity, `{ev['dataset']}` ({ev['samples']} × {ev['seq_len']} tokens, {ev['dtype']}) "
-            f"| {before} | {ppl['after']:.2f} |"
+            f"| perplexity on {ev.get('data') or '`' + ev['dataset'] + '`'} "
+            f"({ev['samples']} × {ev['seq_len']} tokens, {ev['dtype']}) | {before} | {ppl['after']:.2f} |"
         )
     return rows
+
+
+def _provenance(info: dict) -> list[str]:
+    """Where the weights came from, when not from the base model's own checkpoint (a GGUF file)."""
+    src = info.get("gguf_source")
+    if not src:
+        return []
+    return [
+        f"The original's weights here are `{src['gguf_file']}`, a {src.get('quantization') or 'GGUF'} GGUF file, "
+        f'expanded to {src["dtype"]} ({src.get("dtype_from", "")}): this model and the "original" column derive '
+        "from those weights, not from the base model's own checkpoint on the Hub.",
+        "",
+    ]
 
 
 def _made_with(info: dict) -> list[str]:
     cal = info.get("calibration", {})
     lines = [
         f"- merge: `{info['method']}` method, `{info['grouping']}` head grouping",
-        f"- calibration: `{cal.get('dataset')}`, {cal.get('samples')} × {cal.get('seq_len')} tokens, "
+        f"- calibration: {cal.get('data') or '`' + str(cal.get('dataset')) + '`'}, "
+        f"{cal.get('samples')} × {cal.get('seq_len')} tokens, "
         f"seed {cal.get('seed')}, {cal.get('dtype')} (token windows sha256 `{str(cal.get('tokens_sha256'))[:16]}…`)",
     ]
     layers = info.get("layers") or []
@@ -210,7 +249,7 @@ def model_card(info: dict) -> str:
         "",
         f"# {name} with {heads}",
         "",
-        f"{source_label(info)} converted by [kvconvert](https://github.com/kvconvert/kvconvert) from "
+        f"{source_label(info)} converted by kvconvert from "
         f"{kv['before']} to {kv['after']} KV heads per layer: the KV cache takes {kv['after']}/{kv['before']} of "
         "its former size. Query heads, shapes of every other tensor, and the code are unchanged.",
         "",
@@ -218,6 +257,7 @@ def model_card(info: dict) -> str:
         "|---|---|---|",
         *_kv_rows(info),
         "",
+        *_provenance(info),
     ]
     if "evaluation" not in info:
         lines += ["Perplexity has not been measured yet (`kvconvert eval DIR --baseline ORIGINAL` adds it).", ""]

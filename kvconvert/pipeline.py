@@ -26,9 +26,10 @@ from kvconvert.plan import CompressionPlan
 from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
 from kvconvert.refine import refine
+from kvconvert.sources import read_provenance
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
-from kvconvert.textdata import windows_digest
+from kvconvert.textdata import describe, windows_digest
 from kvconvert.verify import VerifyResult, converted_in_memory, verify, verify_streamed
 
 CalibrationRequest = CalibrateConfig
@@ -206,6 +207,7 @@ def _compress_with_stats(
         """Verify the staged output before it replaces anything: a refused run leaves the old output as it was."""
         timings["export"] = time.perf_counter() - t0
         t1 = time.perf_counter()
+        progress.log(f"verifying {req.output} before it replaces anything: tensors, then logits layer by layer")
         result = verify_streamed(staged, conv, device)
         if result.ok and req.reload_check:
             result = verify(staged, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
@@ -241,6 +243,8 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
     energy per layer). No timestamps or machine details: the same inputs give the same bytes."""
     geom = ckpt.family.geometry(ckpt.config)
     n_new = plan.num_kv_heads_after
+    key = ckpt.family.tensor_name(0, "k", "weight")
+    dtype = ckpt.tensors.dtype(key if key in ckpt.tensors else next(iter(ckpt.tensors.names())))
     return {
         "kvconvert_version": __version__,
         "name": (ckpt.base_model or "").rsplit("/", 1)[-1] or Path(ckpt.spec).name or ckpt.spec,
@@ -248,19 +252,18 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
         "base_model": ckpt.base_model,
         "license": ckpt.license.get("license"),
         **{k: v for k, v in ckpt.license.items() if k != "license"},
+        "dtype": str(dtype).removeprefix("torch."),
+        "gguf_source": read_provenance(ckpt.path),
         "kv_cache": {
-            "dtype_bytes": KV_DTYPE_BYTES,
+            "dtype": str(dtype).removeprefix("torch."),
+            "dtype_bytes": dtype.itemsize,
             "bytes_per_token": {
-                "before": geom.kv_bytes_per_token(KV_DTYPE_BYTES),
-                "after": geom.with_kv_heads(n_new).kv_bytes_per_token(KV_DTYPE_BYTES),
+                "before": geom.kv_bytes_per_token(dtype.itemsize),
+                "after": geom.with_kv_heads(n_new).kv_bytes_per_token(dtype.itemsize),
             },
             "context_length": getattr(ckpt.config, "max_position_embeddings", None),
         },
         "fingerprint": stats.fingerprint,
-        "calibration": {**stats.source, "tokens": stats.n_tokens},
+        "calibration": {**stats.source, "data": describe(stats.source.get("dataset", "")), "tokens": stats.n_tokens},
         **plan.summary(),
     }
-
-
-KV_DTYPE_BYTES = 2
-"""The card's KV-cache sizes are for 16-bit (bf16/fp16) caches, what runtimes serve these models in."""

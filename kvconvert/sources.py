@@ -82,13 +82,56 @@ def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False)
         raise KVConvertError(f"cannot download {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
 
 
+PROVENANCE = "kvconvert-source.json"
+"""Written beside a checkpoint converted from GGUF: which file, which quantisation, which dtype and why."""
+
+UNQUANTIZED = {0: "float32", 1: "float16", 32: "bfloat16"}
+"""GGUF `general.file_type` values that keep the original weights' dtype (ALL_F32, MOSTLY_F16, MOSTLY_BF16)."""
+
+
+def gguf_provenance(gguf: Path) -> dict:
+    """File, quantisation and the dtype to expand it to: the GGUF's own float type when it is unquantized (it then
+    is the dtype the model was made in), else bfloat16, which the metadata cannot confirm or refute."""
+    from gguf import GGUFReader, LlamaFileType
+
+    try:
+        field = GGUFReader(str(gguf)).fields.get("general.file_type")
+        file_type = int(field.contents()) if field is not None else None
+    except Exception:  # unreadable metadata: nothing known about the original dtype
+        file_type = None
+    try:
+        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_") if file_type else None
+    except ValueError:
+        quant = f"file_type {file_type}"
+    dtype = UNQUANTIZED.get(file_type, "bfloat16")
+    return {
+        "gguf_file": gguf.name,
+        "quantization": "F32" if file_type == 0 else quant,
+        "dtype": dtype,
+        "dtype_from": "the GGUF's float type" if file_type in UNQUANTIZED else "default for quantized GGUF",
+    }
+
+
+def read_provenance(checkpoint_dir: Path) -> dict | None:
+    """The GGUF provenance written beside a cached checkpoint, or None for other checkpoints."""
+    import json
+
+    path = Path(checkpoint_dir) / PROVENANCE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def gguf_checkpoint(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a cached float32 safetensors checkpoint (config, weights, tokenizer).
+    """Dequantize a GGUF file once into a cached safetensors checkpoint (config, weights, tokenizer) in the dtype of
+    `gguf_provenance`, with that provenance beside it.
 
     The fill is locked: concurrent processes (torchrun ranks with a cold cache) wait for one to build it.
     """
+    import json
+
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    origin = gguf_provenance(gguf)
+    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}:{origin['dtype']}".encode()).hexdigest()[:12]
+    dtype = getattr(torch, origin["dtype"])
 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,9 +141,10 @@ def gguf_checkpoint(gguf: Path) -> Path:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.architectures = [type(loaded).__name__]
-        rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        rebuilt = AutoModelForCausalLM.from_config(config, dtype=dtype)
         rebuilt.load_state_dict(loaded.state_dict())
         rebuilt.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        (tmp / PROVENANCE).write_text(json.dumps(origin, indent=2) + "\n")
 
     return locked_fill(cache_root() / "gguf" / f"{gguf.stem}-{key}", build)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 import yaml
 
 from kvconvert.errors import KVConvertError
+from kvconvert.progress import Progress, Silent
 
 SELF = "self"
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -23,12 +26,49 @@ def aliases() -> dict[str, dict]:
     return yaml.safe_load(path.read_text())
 
 
+def builtin_texts(name: str, part: int, parts: int = 2) -> Iterator[str]:
+    """Built-in text generated at run time: `pydoc-topics` is the Python language reference that ships with the
+    interpreter (`pydoc_data.topics`); its distinct texts, in topic order, are dealt round-robin into `parts`
+    disjoint parts."""
+    if name != "pydoc-topics":
+        raise KVConvertError(f"unknown built-in text {name}; see calibration/sources.yaml")
+    from pydoc_data.topics import topics
+
+    unique = list(dict.fromkeys(topics[key] for key in sorted(topics)))  # some topics share one text
+    yield from unique[part::parts]
+
+
+def describe(spec: str) -> str:
+    """What a dataset spec is, for model cards: the alias and its source, a Hub id, or a local file's sha256."""
+    if spec == SELF:
+        return "text sampled from the original model (`self`)"
+    entry = aliases().get(spec)
+    if entry and "builtin" in entry:
+        version = ".".join(map(str, sys.version_info[:2]))
+        half = "even" if entry.get("part", 0) == 0 else "odd"
+        return f"`{spec}`: Python {version} language reference (pydoc_data.topics, {half} topics)"
+    if entry:
+        config = f" ({entry['name']})" if entry.get("name") else ""
+        return f"`{spec}`: Hub dataset `{entry['path']}`{config}, {entry.get('split', 'train')} split"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return f"local text (sha256 `{digest[:16]}…`)"
+    if "/" in spec and not path.exists():
+        return f"Hub dataset `{spec}`"
+    return f"local text `{path.name}` (not found when this card was written)"
+
+
 def iter_texts(spec: str, text_field: str | None = None) -> Iterator[str]:
     """Documents of a dataset spec (alias, local file, or Hub id), in order."""
-    import datasets
-
     path = Path(spec).expanduser()
     table = aliases()
+    entry = table.get(spec) or {}
+    if "builtin" in entry and not (path.suffix in LOCAL_FORMATS and path.is_file()):
+        yield from builtin_texts(entry["builtin"], entry.get("part", 0), entry.get("parts", 2))
+        return
+    import datasets
+
     if path.suffix in LOCAL_FORMATS and path.is_file():
         kwargs = {"sample_by": "document"} if path.suffix == ".txt" else {}
         ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", **kwargs)
@@ -96,7 +136,33 @@ def token_windows(tokenizer, texts: Iterable[str], n_samples: int, seq_len: int,
     return rows
 
 
+SLOW_SAMPLING_TOKENS = 4096
+"""Above this many sampled tokens on CPU, warn with an estimate measured on the first batch."""
+
+
+def _next_tokens(logits: torch.Tensor, banned: int | None) -> torch.Tensor:
+    """Temperature-1 samples of the last position's logits (full distribution, no top-k/top-p; `banned` never)."""
+    last = logits[:, -1].float()
+    if banned is not None:
+        last[:, banned] = -torch.inf
+    return torch.multinomial(torch.softmax(last, dim=-1), 1)
+
+
 @torch.no_grad()
+def _sample_batch(model, start: int, eos: int | None, rows: int, seq_len: int, device, on_token) -> torch.Tensor:
+    """`rows` sequences of `seq_len` tokens from BOS: one forward per position, reusing the KV cache."""
+    from transformers import DynamicCache
+
+    ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
+    cache = DynamicCache()
+    out = [ids]
+    for _ in range(seq_len - 1):
+        logits = model(input_ids=out[-1], past_key_values=cache, use_cache=True).logits
+        out.append(_next_tokens(logits, eos))
+        on_token(rows)
+    return torch.cat(out, dim=1).cpu()
+
+
 def sample_windows(
     model,
     tokenizer,
@@ -105,36 +171,50 @@ def sample_windows(
     batch_size: int,
     seed: int,
     spans: list[tuple[int, int]] | None = None,
+    progress: Progress | None = None,
+    subject: str = "the model",
 ) -> torch.Tensor:
     """Windows of text sampled from the model itself (temperature 1, no EOS), starting at BOS.
 
     Batch b is sampled with its own seed drawn from `seed`, so any subset of batches (`spans`, as dealt to one of
-    several processes) reproduces exactly the rows a single process would sample.
+    several processes) reproduces exactly the rows a single process would sample. Progress counts tokens; on CPU a
+    long job is announced with an estimate measured on its first tokens.
     """
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise KVConvertError("--dataset self needs a tokenizer with a BOS or EOS token; use a text dataset")
+    progress = progress or Silent()
     device = next(model.parameters()).device
     all_spans = [(b, min(b + batch_size, n_samples)) for b in range(0, n_samples, batch_size)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     seeds = {span: int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for span in all_spans}
+    todo = all_spans if spans is None else spans
+    total = sum(b - a for a, b in todo) * (seq_len - 1)
+    advance = progress.task(f"sampling from {subject} (tokens)", total)
+    clock = {"t0": time.perf_counter(), "done": 0, "warned": total <= SLOW_SAMPLING_TOKENS or device.type != "cpu"}
+
+    def on_token(n: int) -> None:
+        advance(n)
+        clock["done"] += n
+        elapsed = time.perf_counter() - clock["t0"]
+        if not clock["warned"] and elapsed > 2.0:
+            clock["warned"] = True
+            rate = clock["done"] / elapsed
+            progress.log(
+                f"warning: --dataset self samples {total:,} tokens on CPU at about {rate:.0f} tokens/s: "
+                f"about {_duration(total / rate)}; a text dataset (e.g. --dataset pydoc) or fewer --samples/--seq-len "
+                "is much faster"
+            )
+
     out = []
-    for span in all_spans if spans is None else spans:
+    for span in todo:
         torch.manual_seed(seeds[span])
-        ids = torch.full((span[1] - span[0], 1), start, dtype=torch.long, device=device)
-        seqs = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=seq_len - 1,
-            min_new_tokens=seq_len - 1,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-        out.append(seqs[:, :seq_len].cpu())
+        out.append(_sample_batch(model, start, tokenizer.eos_token_id, span[1] - span[0], seq_len, device, on_token))
     return torch.cat(out)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def windows_digest(windows: torch.Tensor) -> str:

@@ -62,8 +62,8 @@ def test_progress_prints_lines_when_stderr_is_no_terminal(capsys):
         for _ in range(3):
             advance()
     err = capsys.readouterr().err
-    assert "decomposing 1/3" in err
-    assert "decomposing 3/3" in err
+    assert "decomposing: 1/3" in err
+    assert "decomposing: done, 3/3" in err
 
 
 def test_progress_lines_stay_quiet_for_short_stages(capsys):

@@ -30,6 +30,22 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _global_options(
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        min=1,
+        metavar="N",
+        help="CPU threads for torch (default: $OMP_NUM_THREADS, else free physical cores: cores minus current load).",
+    ),
+) -> None:
+    """Convert a Hugging Face causal LM to fewer KV heads (MHA -> GQA), as a stock checkpoint."""
+    from kvconvert import threads as thread_policy
+
+    thread_policy.apply(threads)
+
+
 def _register() -> None:
     from kvconvert.cli import calibrate, compress, evaluate, heal, matryoshka, profile, push, run  # noqa: F401  (commands register on import)
 
@@ -61,6 +77,9 @@ def fail(message: str) -> None:
 
 
 def main() -> None:
+    from kvconvert.threads import prepare_environment
+
+    prepare_environment()  # before anything imports torch: idle OpenMP threads sleep instead of spinning
     _register()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_interrupted)

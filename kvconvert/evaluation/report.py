@@ -52,18 +52,20 @@ def evaluate(
     }
     windows = None
     for role in [r for r in ("baseline", "model") if r in ckpts]:  # the baseline first: `self` text comes from it
+        subject = f"{role} {_short(specs[role])}"
+        progress.log(f"eval: loading {subject}")
         model = load_model(ckpts[role], dev, dt)
         if windows is None:
-            windows = eval_windows(model, tokenizer, dataset, samples, seq_len, seed, batch_size)
+            windows = eval_windows(model, tokenizer, dataset, samples, seq_len, seed, batch_size, progress, subject)
             report["tokens_sha256"] = windows_digest(windows)
         entry = {
             "path": specs[role],
             "num_key_value_heads": model.config.num_key_value_heads,
-            "perplexity": perplexity(model, windows, batch_size, progress),
+            "perplexity": perplexity(model, windows, batch_size, progress, subject),
             "kv_cache": kv_report(model, contexts),
         }
         del model
-        advance = progress.task(f"runtime ({role})", len(contexts)) if contexts else None
+        advance = progress.task(f"decode speed of {subject} (contexts)", len(contexts)) if contexts else None
         runtime = []
         for context in contexts:
             runtime.append(probe_in_child(specs[role], context, new_tokens, repeats, device, dtype, runtime_batch))
@@ -73,6 +75,17 @@ def evaluate(
     if baseline:
         report["comparison"] = compare(report["baseline"], report["model"])
     return report
+
+
+def _short(spec: str) -> str:
+    """A model spec as it reads in a progress line: a path's last part (a cached GGUF conversion's file name),
+    else the spec."""
+    from pathlib import Path
+
+    from kvconvert.sources import read_provenance
+
+    origin = read_provenance(Path(spec)) if Path(spec).is_dir() else None
+    return origin["gguf_file"] if origin else (Path(spec).name or spec)
 
 
 def compare(base: dict, model: dict) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kvconvert.errors import KVConvertError
-from kvconvert.progress import Progress, Silent
+from kvconvert.progress import Progress
 from kvconvert.textdata import SELF, iter_texts, sample_windows
 
 
@@ -82,8 +82,8 @@ def build_windows(
             break
     if SELF in datasets and have < n_windows:
         need = n_windows - have
-        (progress or Silent()).log(f"sampling {need} x {seq_len} tokens from the teacher (--dataset self)")
-        parts.append(sample_windows(teacher, tokenizer, need, seq_len, sample_batch_size, seed))
+        rows = sample_windows(teacher, tokenizer, need, seq_len, sample_batch_size, seed, None, progress, "the teacher")
+        parts.append(rows)
         sources.append({"dataset": SELF, "windows": need, "seed": seed})
     return torch.cat(parts), sources
 

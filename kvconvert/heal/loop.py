@@ -85,7 +85,7 @@ def train(
         teacher.requires_grad_(False).eval().to(accelerator.device)
     start = checkpointing.load_state(accelerator, state_dir, settings) if resume else 0
 
-    advance = progress.task("healing", cfg.steps * global_batch * seq_len)
+    advance = progress.task("healing the student (tokens)", cfg.steps * global_batch * seq_len)
     advance(start * global_batch * seq_len)
     student.train()
     t0, loss_value = time.perf_counter(), None
