@@ -207,7 +207,6 @@ def _compress_with_stats(
         """Verify the staged output before it replaces anything: a refused run leaves the old output as it was."""
         timings["export"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        progress.log(f"verifying {req.output} before it replaces anything: tensors, then logits layer by layer")
         result = verify_streamed(staged, conv, device)
         if result.ok and req.reload_check:
             result = verify(staged, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
