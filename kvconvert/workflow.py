@@ -130,10 +130,12 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
     result = RecipeResult(recipe.output, compressed, timings=timings)
 
     if recipe.matryoshka:
-        from kvconvert.matryoshka.run import request_from_config, run_matryoshka
+        from kvconvert.config.matryoshka import MatryoshkaRunRequest
+        from kvconvert.matryoshka.run import run_matryoshka
 
         t0 = time.perf_counter()
-        run_matryoshka(request_from_config(recipe.matryoshka, str(recipe.output), recipe.output), progress)
+        run = MatryoshkaRunRequest(model=str(recipe.output), output=recipe.output, **recipe.matryoshka.model_dump())
+        run_matryoshka(run, progress)
         timings["matryoshka"] = time.perf_counter() - t0
 
     if recipe.eval:
@@ -145,11 +147,16 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
         timings["eval"] = time.perf_counter() - t0
 
     if recipe.profile:  # RazorAttention profile of the output, attached to it
-        from kvconvert.razor.run import request_from_config, run_profile
+        from kvconvert.config.profile import ProfileRunRequest
+        from kvconvert.razor.run import run_profile
 
-        f, t0 = recipe.profile, time.perf_counter()
-        preq = request_from_config(f, str(recipe.output))
-        run_profile(preq, recipe.output / "razor_profile.json", f.runtime_rule(), attach=True)
+        t0 = time.perf_counter()
+        out = recipe.output
+        run_profile(
+            ProfileRunRequest(
+                model=str(out), output=out / "razor_profile.json", attach=True, **recipe.profile.model_dump()
+            )
+        )
         timings["profile"] = time.perf_counter() - t0
 
     if recipe.push:

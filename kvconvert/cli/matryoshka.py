@@ -14,11 +14,11 @@ OPTIONS = Group(MatryoshkaRunRequest, arguments=("model",))
 @command(app, "matryoshka", OPTIONS, extra=(flag(False, "--json", help="Print a JSON summary.", panel=OUTPUT),))
 def matryoshka(req: MatryoshkaRunRequest, json: bool) -> None:
     """Train MatryoshkaKV projections (orthogonal per-head cuts of keys and values) and pick per-head rates."""
-    from kvconvert.matryoshka.run import request_from_config, run_matryoshka
+    from kvconvert.matryoshka.run import run_matryoshka
     from kvconvert.progress import RichProgress
 
     with RichProgress(enabled=not json) as progress:
-        result = run_matryoshka(request_from_config(req, req.model, req.output, req.overwrite), progress)
+        result = run_matryoshka(req, progress)
     s = result.section
     emit("matryoshka", {"output": str(result.output), "matryoshka": s}, json)
     if not json:

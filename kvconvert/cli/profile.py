@@ -14,9 +14,9 @@ OPTIONS = Group(ProfileRunRequest, arguments=("model",))
 @command(app, "profile", OPTIONS, extra=(flag(False, "--json", help="Print a JSON summary.", panel=OUTPUT),))
 def profile_command(req: ProfileRunRequest, json: bool) -> None:
     """Score every KV head for echo and induction on repeated random tokens; select the retrieval heads."""
-    from kvconvert.razor.run import request_from_config, run_profile
+    from kvconvert.razor.run import run_profile
 
-    result = run_profile(request_from_config(req, req.model), req.output, req.runtime_rule(), req.attach)
+    result = run_profile(req)
     s = result["stability"]
     n = sum(map(len, result["retrieval"]))
     total = len(result["retrieval"]) * result["num_kv_heads"]

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from kvconvert import __version__
 from kvconvert.atomic import swap_into_place, write_text
 from kvconvert.checkpoint import resolve
+from kvconvert.config.matryoshka import MatryoshkaRunRequest
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
 from kvconvert.heal.data import text_windows
@@ -37,52 +38,16 @@ from kvconvert.runtime.matryoshka import MatryoshkaRuntime
 from kvconvert.textdata import iter_texts, windows_digest
 
 
-@dataclass(frozen=True)
-class MatryoshkaRequest:
-    model: str
-    output: Path
-    datasets: list[str]
-    budget: float = 0.5
-    samples: int = 64
-    heldout: int = 4
-    seq_len: int = 128
-    step: int | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    search: bool = True
-    values_only: bool = False
-    fold_values: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    overwrite: bool = False
-
-
-def request_from_config(cfg, model: str, output: Path, overwrite: bool = False) -> MatryoshkaRequest:
-    """The run described by a `MatryoshkaConfig` (CLI or recipe section), reading `model` and writing `output`."""
-    train = TrainConfig(
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        kl_weight=cfg.kl_weight,
-        ce_weight=cfg.ce_weight,
-        seed=cfg.seed,
-        values_only=cfg.values_only,
-    )
-    return MatryoshkaRequest(
-        model=model,
-        output=output,
-        datasets=list(cfg.datasets),
-        budget=cfg.budget,
-        samples=cfg.samples,
-        heldout=cfg.heldout,
-        seq_len=cfg.seq_len,
-        step=cfg.rate_step,
-        train=train,
-        search=cfg.search,
-        values_only=cfg.values_only,
-        fold_values=cfg.fold_values,
-        device=cfg.device,
-        dtype=cfg.dtype,
-        overwrite=overwrite,
+def train_config(req: MatryoshkaRunRequest) -> TrainConfig:
+    """The training settings of a run (its config's training fields)."""
+    return TrainConfig(
+        steps=req.steps,
+        batch_size=req.batch_size,
+        lr=req.lr,
+        kl_weight=req.kl_weight,
+        ce_weight=req.ce_weight,
+        seed=req.seed,
+        values_only=req.values_only,
     )
 
 
@@ -108,14 +73,14 @@ def calibration_windows(tokenizer, datasets: list[str], n: int, seq_len: int) ->
 
 
 def build_projections(
-    model, train_w, heldout_w, req: MatryoshkaRequest, progress: Progress
+    model, train_w, heldout_w, req: MatryoshkaRunRequest, progress: Progress
 ) -> tuple[Projections, dict]:
     """PCA init, training and rate search on a loaded model; returns the projections and what was done."""
     t0 = time.perf_counter()
     moments = collect_kv_moments(model, train_w, progress=progress)
     key_m, value_m = moments.mean()
     layers, n_kv, head_dim = key_m.shape[0], key_m.shape[1], key_m.shape[-1]
-    step = req.step or max(1, head_dim // 8)
+    step = req.rate_step or max(1, head_dim // 8)
     if req.values_only:  # keys keep every dim: (D + r_v) / 2D = budget
         rate = uniform_rate(head_dim, 2 * req.budget - 1, step)
         keys = torch.full((layers, n_kv), head_dim, dtype=torch.long)
@@ -126,16 +91,17 @@ def build_projections(
     proj = Projections(pca_bases(key_m), pca_bases(value_m), keys, values)
     info: dict = {"moments_tokens": moments.tokens, "step": step, "uniform_rate": rate, "seconds": {}}
     info["seconds"]["moments"] = time.perf_counter() - t0
-    if req.train.steps:
-        result = train_projections(model, proj, train_w, req.train, step, progress=progress)
+    train = train_config(req)
+    if train.steps:
+        result = train_projections(model, proj, train_w, train, step, progress=progress)
         proj = result.projections
         info["train"] = {
-            "steps": req.train.steps,
-            "batch_size": req.train.batch_size,
+            "steps": train.steps,
+            "batch_size": train.batch_size,
             "tokens": result.tokens,
-            "lr": req.train.lr,
-            "kl_weight": req.train.kl_weight,
-            "ce_weight": req.train.ce_weight,
+            "lr": train.lr,
+            "kl_weight": train.kl_weight,
+            "ce_weight": train.ce_weight,
             "first_loss": result.losses[0],
             "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
         }
@@ -159,7 +125,7 @@ def build_projections(
     return proj, info
 
 
-def run_matryoshka(req: MatryoshkaRequest, progress: Progress | None = None) -> MatryoshkaResult:
+def run_matryoshka(req: MatryoshkaRunRequest, progress: Progress | None = None) -> MatryoshkaResult:
     progress = progress or Silent()
     if not 0 < req.budget <= 1:
         raise KVConvertError(f"--budget {req.budget} must be in (0, 1]")

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kvconvert.config.profile import ProfileRunRequest
 from kvconvert.razor.profile import ProfileSettings, profile_model
 from kvconvert.razor.store import SCHEMA, attach_profile, save_profile
-
-
-@dataclass(frozen=True)
-class ProfileRequest:
-    model: str
-    block: int = 512
-    repeats: int = 4
-    seeds: tuple[int, ...] = (0, 1, 2)
-    induction: float = 0.14
-    echo: float = 0.01
-    device: str = "auto"
-    dtype: str = "auto"
 
 
 def eligible_heads(config, n_kv: int) -> torch.Tensor:
@@ -30,14 +18,9 @@ def eligible_heads(config, n_kv: int) -> torch.Tensor:
     return torch.tensor([[t != "sliding_attention"] * n_kv for t in types], dtype=torch.bool)
 
 
-def request_from_config(cfg, model: str) -> ProfileRequest:
-    """The profiling run a `ProfileConfig` (CLI or recipe section) describes, on `model`."""
-    return ProfileRequest(
-        model, cfg.block, cfg.repeats, tuple(range(cfg.seeds)), cfg.induction, cfg.echo, cfg.device, cfg.dtype
-    )
-
-
-def run_profile(req: ProfileRequest, output: Path, runtime: dict, attach: bool = False) -> dict:
+def run_profile(req: ProfileRunRequest) -> dict:
+    """Profile `req.model`'s heads, write the profile to `req.output` (with the runtime's window rule) and, with
+    `req.attach`, store it in the model's own directory too."""
     from kvconvert.checkpoint import resolve
     from kvconvert.modeling import load_model, resolve_device, resolve_dtype
 
@@ -46,8 +29,9 @@ def run_profile(req: ProfileRequest, output: Path, runtime: dict, attach: bool =
     model = load_model(ckpt, dev, resolve_dtype(req.dtype, dev))
     config = model.config.get_text_config()
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    seeds = tuple(range(req.seeds))
     settings = ProfileSettings(
-        block=req.block, repeats=req.repeats, seeds=req.seeds, induction_fraction=req.induction, echo_fraction=req.echo
+        block=req.block, repeats=req.repeats, seeds=seeds, induction_fraction=req.induction, echo_fraction=req.echo
     )
     t0 = time.perf_counter()
     scores = profile_model(model, settings, eligible_heads(config, n_kv))
@@ -62,15 +46,15 @@ def run_profile(req: ProfileRequest, output: Path, runtime: dict, attach: bool =
             "repeats": req.repeats,
             "prefix": settings.prefix,
             "queries": settings.queries,
-            "seeds": list(req.seeds),
+            "seeds": list(seeds),
             "induction_fraction": req.induction,
             "echo_fraction": req.echo,
             "seconds": round(time.perf_counter() - t0, 1),
         },
-        "runtime": runtime,
+        "runtime": req.runtime_rule(),
         **scores,
     }
-    save_profile(profile, output)
-    if attach:
+    save_profile(profile, req.output)
+    if req.attach:
         attach_profile(Path(ckpt.path), profile)
     return profile
