@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from kvconvert.atomic import write_text
 from kvconvert.errors import KVConvertError
+from kvconvert.io.staging import write_text
 
 RECORD = "kvconvert.json"
 CARD = "README.md"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from kvconvert.io.staging import default_mode, swap_into_place, temporary_of
+from kvconvert.io.staging import default_modes, swap_into_place, temporary_of
 
 COMPLETE = "config.json"
 """A cached checkpoint is complete when its config.json exists (it is renamed into place last, with the folder)."""
@@ -28,8 +28,7 @@ def locked_fill(target: Path, build: Callable[[Path], None]) -> Path:
         tmp.mkdir()
         try:
             build(tmp)
-            for path in tmp.rglob("*"):  # libraries' writers make 0600 files
-                default_mode(path, directory=path.is_dir())
+            default_modes(tmp)
             swap_into_place(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -191,6 +191,12 @@ def write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def default_modes(root: Path) -> None:
+    """`default_mode` for everything under `root` (libraries' writers, safetensors among them, make 0600 files)."""
+    for path in root.rglob("*"):
+        default_mode(path, directory=path.is_dir())
+
+
 def default_mode(path: Path, *, directory: bool = False) -> None:
     """Give `path` the permissions a plain open()/mkdir() would (tempfile makes 0600/0700 ones)."""
     umask = os.umask(0)

@@ -7,7 +7,6 @@ section in `kvconvert.json`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,12 +15,12 @@ from pathlib import Path
 import torch
 
 from kvconvert import __version__
-from kvconvert.atomic import swap_into_place, write_text
 from kvconvert.checkpoint import resolve
 from kvconvert.config.matryoshka import MatryoshkaRunRequest
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
 from kvconvert.heal.data import text_windows
+from kvconvert.io.staging import default_mode, default_modes, staged, write_text
 from kvconvert.matryoshka.moments import collect_kv_moments
 from kvconvert.matryoshka.projections import (
     FILENAME,
@@ -161,55 +160,46 @@ def run_matryoshka(req: MatryoshkaRunRequest, progress: Progress | None = None) 
         **{k: v for k, v in info.items() if k != "seconds"},
     }
     if req.fold_values:
-        write_folded(model, tokenizer, req.output, proj, section | {"folded_into_v_proj": True})
+        folded = section | {"folded_into_v_proj": True}
+        write_folded(model, tokenizer, ckpt.path, req.output, proj, folded, req.overwrite)
+    elif in_place:
+        write_in_place(req.output, proj, section)
     else:
-        (write_in_place if in_place else write_output)(ckpt.path, req.output, proj, section)
+        write_output(ckpt.path, req.output, proj, section, req.overwrite)
     return MatryoshkaResult(req.output, section | {"seconds": info["seconds"]}, proj)
 
 
-def write_folded(model, tokenizer, output: Path, proj: Projections, section: dict) -> None:
+def write_folded(model, tokenizer, source: Path, output: Path, proj: Projections, section: dict, overwrite: bool):
     """A stock checkpoint whose v_proj holds the values-only cut (exact), with the record section."""
     from kvconvert.matryoshka.fold import fold_value_cut
     from kvconvert.runtime.matryoshka import detach
 
     detach(model)
     fold_value_cut(model, proj)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.kvconvert-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged(output, overwrite=overwrite, inputs=[source]) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {"kvconvert_version": __version__, "matryoshka": section}
-        write_text(tmp / "kvconvert.json", json.dumps(record, indent=2) + "\n")
-        swap_into_place(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "kvconvert.json").write_text(json.dumps(record, indent=2) + "\n")
+        default_modes(tmp)
 
 
-def write_in_place(source: Path, output: Path, proj: Projections, section: dict) -> None:
+def write_in_place(output: Path, proj: Projections, section: dict) -> None:
     """Add the projections file (atomically) and the record section to an existing kvconvert output."""
     from kvconvert.card import RECORD, update_record
 
-    tmp = output / f".{FILENAME}.kvconvert-tmp"
-    try:
+    with staged(output / FILENAME, overwrite=True, directory=False) as tmp:  # the recipe's own output
         save_projections(tmp, proj, {"budget": section["budget"], "kept_fraction": section["kept_fraction"]})
-        os.replace(tmp, output / FILENAME)
-    finally:
-        tmp.unlink(missing_ok=True)
+        default_mode(tmp)
     if (output / RECORD).is_file():
         update_record(output, matryoshka=section)
     else:
         write_text(output / RECORD, json.dumps({"kvconvert_version": __version__, "matryoshka": section}, indent=2))
 
 
-def write_output(source: Path, output: Path, proj: Projections, section: dict) -> None:
+def write_output(source: Path, output: Path, proj: Projections, section: dict, overwrite: bool) -> None:
     """Copy the source checkpoint's files unchanged, add the projections and the record section, then swap in."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.kvconvert-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged(output, overwrite=overwrite, inputs=[source]) as tmp:
         for path in sorted(source.iterdir()):
             if path.is_file() and path.name != FILENAME:
                 shutil.copyfile(path, tmp / path.name)
@@ -217,7 +207,5 @@ def write_output(source: Path, output: Path, proj: Projections, section: dict) -
         record_path = tmp / "kvconvert.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {"kvconvert_version": __version__}
         record["matryoshka"] = section
-        write_text(record_path, json.dumps(record, indent=2) + "\n")
-        swap_into_place(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        default_modes(tmp)

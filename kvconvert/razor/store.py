@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvconvert.atomic import write_text
 from kvconvert.errors import KVConvertError
+from kvconvert.io.staging import write_text
 
 SCHEMA = "kvconvert-razor-profile/1"
 CONFIG_KEY = "kvconvert_razor"
