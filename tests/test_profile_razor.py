@@ -117,3 +117,28 @@ def test_recipe_profile_section():
     r = Recipe.model_validate({"model": "m", "output": "o", "compress": {"heads": 1}, "profile": {"block": 256}})
     assert r.profile.block == 256 and r.profile.induction == 0.14
     assert Recipe.model_validate({"model": "m", "output": "o", "compress": {"heads": 1}}).profile is None
+
+
+def test_profile_never_replaces_a_file_it_was_not_told_to(tmp_path, tiny_llama):
+    """An existing --output is replaced only with --overwrite, and a file of the model never (one stderr line)."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, ckpt)
+    out = tmp_path / "profile.json"
+    out.write_text("mine\n")
+    base = [sys.executable, "-m", "kvconvert", "profile", str(ckpt), "--block", "32", "--seeds", "1"]
+    r = subprocess.run([*base, "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
+    assert out.read_text() == "mine\n"
+    weights = (ckpt / "model.safetensors").read_bytes()
+    r = subprocess.run([*base, "-o", str(ckpt / "model.safetensors"), "--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 2 and "overlaps the input" in r.stderr
+    assert (ckpt / "model.safetensors").read_bytes() == weights
+    r = subprocess.run([*base, "-o", str(out), "--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (
+        json.loads(out.read_text())["num_kv_heads"]
+        == json.loads((ckpt / "config.json").read_text())["num_key_value_heads"]
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvconvert.config.base import INPUT, OUTPUT, StageConfig, setting
-from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field
+from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field, overwrite_field
 
 PROFILE, RUNTIME = "Profile", "Runtime"
 
@@ -35,4 +35,5 @@ class ProfileRunRequest(ProfileConfig):
 
     model: str = setting(..., "Checkpoint directory, Hub id, .gguf file, or `smollm2` (built-in, offline).", INPUT)
     output: Path = output_field("FILE")
+    overwrite: bool = overwrite_field("Replace an existing profile file.")
     attach: bool = setting(False, "Also store the profile in MODEL (a checkpoint directory).", OUTPUT)

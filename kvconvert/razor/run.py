@@ -54,7 +54,8 @@ def run_profile(req: ProfileRunRequest) -> dict:
         "runtime": req.runtime_rule(),
         **scores,
     }
-    save_profile(profile, req.output)
+    model_files = tuple(p for p in Path(ckpt.path).iterdir() if p.is_file())  # a new file beside them is fine
+    save_profile(profile, req.output, overwrite=req.overwrite, inputs=model_files)
     if req.attach:
         attach_profile(Path(ckpt.path), profile)
     return profile

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from kvconvert.errors import KVConvertError
-from kvconvert.io.staging import write_text
+from kvconvert.io.staging import staged, write_text
 
 SCHEMA = "kvconvert-razor-profile/1"
 CONFIG_KEY = "kvconvert_razor"
@@ -19,8 +19,10 @@ RECORD_SECTION = "razor_profile"
 RUNTIME_DEFAULTS = {"sinks": 4, "window_floor": 256, "window_fraction": 0.1, "compensation": True}
 
 
-def save_profile(profile: dict, path: Path) -> None:
-    write_text(path, json.dumps(profile, indent=1) + "\n")
+def save_profile(profile: dict, path: Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write the profile JSON; an existing file is replaced only with `overwrite`, an input never."""
+    with staged(path, overwrite=overwrite, directory=False, inputs=inputs) as tmp:
+        tmp.write_text(json.dumps(profile, indent=1) + "\n")
 
 
 def load_profile(spec: str | Path) -> dict:
