@@ -7,43 +7,50 @@ details, so the same conversion gives the same bytes.
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from kvconvert.errors import KVConvertError
 from kvconvert.io.staging import write_text
+from kvconvert.record import RECORD, Calibration, Record, dump_record, load_record, new_record
 
-RECORD = "kvconvert.json"
 CARD = "README.md"
 TAGS = ["kvconvert", "gqa", "kv-cache-compression"]
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 LOCAL_REF = "path/to/this/folder"
 
 
-def dump_record(record: dict) -> str:
-    return json.dumps(record, indent=2) + "\n"
+@dataclass(frozen=True)
+class Updated:
+    """What `update_record` wrote: the new record, and whether README.md was re-rendered (False: it was edited
+    by hand, or there is no card for this kind of record, and it was left as it was)."""
+
+    record: Record
+    card: bool
 
 
-def load_record(directory: Path) -> dict:
-    path = directory / RECORD
-    if not path.is_file():
-        raise KVConvertError(f"{directory} has no {RECORD}; point at a directory written by `kvconvert compress`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise KVConvertError(f"{path} is not valid JSON ({exc}); re-run `kvconvert compress`") from exc
-
-
-def update_record(directory: Path, **sections) -> dict:
-    """Set `sections` (name -> value) in DIR/kvconvert.json and re-render DIR/README.md; each file is replaced
-    atomically. Returns the new record."""
-    record = load_record(directory) | sections
+def update_record(directory: Path, **sections) -> Updated:
+    """Set `sections` in DIR/kvconvert.json and re-render DIR/README.md, each replaced atomically. A README.md
+    that is not kvconvert's rendering of the old record (edited by hand) is never replaced."""
+    old = load_record(directory)
+    record = old.with_sections(**sections)
     write_text(directory / RECORD, dump_record(record))
-    write_text(directory / CARD, model_card(record))
-    return record
+    card_path = directory / CARD
+    ours = record.is_conversion and (not card_path.exists() or card_path.read_text() == model_card(old))
+    if ours:
+        write_text(card_path, model_card(record))
+    return Updated(record, ours)
+
+
+def add_section(directory: Path, **sections) -> Updated:
+    """`update_record` where DIR has a record; otherwise a new record holding only `sections` (no card)."""
+    if (directory / RECORD).is_file():
+        return update_record(directory, **sections)
+    record = new_record(**sections)
+    write_text(directory / RECORD, dump_record(record))
+    return Updated(record, False)
 
 
 def evaluation_section(report: dict, baseline: str | None) -> dict:
@@ -64,43 +71,44 @@ def evaluation_section(report: dict, baseline: str | None) -> dict:
     }
 
 
-def record_evaluation(model: str, report: dict, baseline: str | None) -> Path | None:
-    """Add an eval report to MODEL's record and card when MODEL is a kvconvert output directory; return it."""
+def record_evaluation(model: str, report: dict, baseline: str | None) -> str | None:
+    """Add an eval report to MODEL's record and card when MODEL is a kvconvert output directory; say where."""
     directory = Path(model).expanduser()
     if not (directory / RECORD).is_file():
         return None
-    update_record(directory, evaluation=evaluation_section(report, baseline))
-    return directory / CARD
+    if update_record(directory, evaluation=evaluation_section(report, baseline)).card:
+        return f"recorded in {directory / RECORD} and {directory / CARD}"
+    return f"recorded in {directory / RECORD}; {directory / CARD} was edited by hand, so it was left as it is"
 
 
-def front_matter(info: dict) -> dict:
+def front_matter(info: Record) -> dict:
     """Hub metadata: base model (only a real Hub id), library, license carried from the base, tags, and the
     measured perplexity as a model-index entry (`huggingface_hub.EvalResult`)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    base = info.get("base_model")
-    licence = {key: info[key] for key in ("license_name", "license_link") if info.get(key)}
-    ev = info.get("evaluation")
+    extra = info.model_extra or {}
+    licence = {key: extra[key] for key in ("license_name", "license_link") if extra.get(key)}
+    ev = info.evaluation
     results = None
     if ev:
-        dataset = ev["dataset"]
         results = [
             EvalResult(
                 task_type="text-generation",
-                dataset_type=dataset,
-                dataset_name=(ev.get("data") or dataset).replace("`", ""),
+                dataset_type=ev.dataset,
+                dataset_name=(ev.data or ev.dataset).replace("`", ""),
                 metric_type="perplexity",
-                metric_value=round(ev["perplexity"]["after"], 4),
-                metric_config=f"{ev['samples']}x{ev['seq_len']} tokens, {ev['dtype']}",
+                metric_value=round(ev.perplexity.after, 4),
+                metric_config=f"{ev.samples}x{ev.seq_len} tokens, {ev.dtype}",
             )
         ]
+    base = info.base_model
     data = ModelCardData(
-        base_model=base if isinstance(base, str) and HUB_ID.fullmatch(base) else None,
+        base_model=base if base and HUB_ID.fullmatch(base) else None,
         library_name="transformers",
-        license=info.get("license") or None,
+        license=info.license or None,
         pipeline_tag="text-generation",
         tags=TAGS,
-        model_name=(info.get("name") or "model") + "-kvconvert" if results else None,
+        model_name=(info.name or "model") + "-kvconvert" if results else None,
         eval_results=results,
         **licence,
     )
@@ -111,35 +119,33 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _kv_rows(info: dict) -> list[str]:
-    kv = info["num_key_value_heads"]
-    rows = [f"| KV heads per layer | {kv['before']} | {kv['after']} |"]
-    cache = info.get("kv_cache")
+def _kv_rows(info: Record) -> list[str]:
+    kv = info.num_key_value_heads
+    rows = [f"| KV heads per layer | {kv.before} | {kv.after} |"]
+    cache = info.kv_cache
     if cache:
-        per, size = cache["bytes_per_token"], cache["dtype_bytes"]
-        label = cache.get("dtype") or f"{8 * size}-bit"
-        rows.append(f"| KV cache per token ({label}) | {per['before']:,} B | {per['after']:,} B |")
-        ctx = cache.get("context_length")
-        if ctx:
-            before, after = _mib(per["before"] * ctx), _mib(per["after"] * ctx)
+        per, size = cache.bytes_per_token, cache.dtype_bytes
+        label = cache.dtype or f"{8 * size}-bit"
+        rows.append(f"| KV cache per token ({label}) | {per.before:,} B | {per.after:,} B |")
+        if ctx := cache.context_length:
+            before, after = _mib(per.before * ctx), _mib(per.after * ctx)
             rows.append(f"| KV cache at {ctx:,} tokens ({label}) | {before} | {after} |")
         if size != 2:  # what runtimes usually serve in
-            half = {k: v * 2 // size for k, v in per.items()}
-            rows.append(f"| KV cache per token (16-bit) | {half['before']:,} B | {half['after']:,} B |")
-    ev = info.get("evaluation")
-    if ev:
-        ppl = ev["perplexity"]
-        before = f"{ppl['before']:.2f}" if ppl.get("before") is not None else "not measured"
+            before, after = per.before * 2 // size, per.after * 2 // size
+            rows.append(f"| KV cache per token (16-bit) | {before:,} B | {after:,} B |")
+    if ev := info.evaluation:
+        ppl = ev.perplexity
+        before = f"{ppl.before:.2f}" if ppl.before is not None else "not measured"
         rows.append(
-            f"| perplexity on {ev.get('data') or '`' + ev['dataset'] + '`'} "
-            f"({ev['samples']} × {ev['seq_len']} tokens, {ev['dtype']}) | {before} | {ppl['after']:.2f} |"
+            f"| perplexity on {ev.data or '`' + ev.dataset + '`'} "
+            f"({ev.samples} × {ev.seq_len} tokens, {ev.dtype}) | {before} | {ppl.after:.2f} |"
         )
     return rows
 
 
-def _provenance(info: dict) -> list[str]:
+def _provenance(info: Record) -> list[str]:
     """Where the weights came from, when not from the base model's own checkpoint (a GGUF file)."""
-    src = info.get("gguf_source")
+    src = info.gguf_source
     if not src:
         return []
     return [
@@ -150,46 +156,40 @@ def _provenance(info: dict) -> list[str]:
     ]
 
 
-def _made_with(info: dict) -> list[str]:
-    cal = info.get("calibration", {})
+def _made_with(info: Record) -> list[str]:
+    cal = info.calibration or Calibration()
     lines = [
-        f"- merge: `{info['method']}` method, `{info['grouping']}` head grouping",
-        f"- calibration: {cal.get('data') or '`' + str(cal.get('dataset')) + '`'}, "
-        f"{cal.get('samples')} × {cal.get('seq_len')} tokens, "
-        f"seed {cal.get('seed')}, {cal.get('dtype')} (token windows sha256 `{str(cal.get('tokens_sha256'))[:16]}…`)",
+        f"- merge: `{info.method}` method, `{info.grouping}` head grouping",
+        f"- calibration: {cal.data or '`' + str(cal.dataset) + '`'}, "
+        f"{cal.samples} × {cal.seq_len} tokens, "
+        f"seed {cal.seed}, {cal.dtype} (token windows sha256 `{str(cal.tokens_sha256)[:16]}…`)",
     ]
-    layers = info.get("layers") or []
-    if layers:
-        keys = sum(lp["key_energy_retained"] for lp in layers) / len(layers)
-        values = sum(lp["value_energy_retained"] for lp in layers) / len(layers)
+    if layers := info.layers:
+        keys = sum(lp.key_energy_retained for lp in layers) / len(layers)
+        values = sum(lp.value_energy_retained for lp in layers) / len(layers)
         lines.append(f"- energy retained by the merge (mean over layers): keys {keys:.3f}, values {values:.3f}")
-    if "refine" in info:
-        r = info["refine"]
-        lines.append(f"- refined: {r.get('steps')} steps per layer on {r.get('samples')} windows ({r.get('inputs')})")
-    if "heal" in info:
-        h = info["heal"]
-        lines.append(
-            f"- healed: {h.get('tokens')} tokens of distillation from `{h.get('teacher')}` (trained `{h.get('train')}`)"
-        )
-    lines.append(f"- kvconvert {info.get('kvconvert_version')}; the full record is in `{RECORD}`")
+    if r := info.refine:
+        lines.append(f"- refined: {r.steps} steps per layer on {r.samples} windows ({r.inputs})")
+    if h := info.heal:
+        lines.append(f"- healed: {h.tokens} tokens of distillation from `{h.teacher}` (trained `{h.train}`)")
+    lines.append(f"- kvconvert {info.kvconvert_version}; the full record is in `{RECORD}`")
     return lines
 
 
-def _reproduce(info: dict) -> list[str]:
-    if "recipe" in info:
-        return ["```yaml", yaml.safe_dump(info["recipe"], sort_keys=False).strip(), "```"]
-    cal = info.get("calibration", {})
-    kv = info["num_key_value_heads"]
+def _reproduce(info: Record) -> list[str]:
+    if info.recipe is not None:
+        return ["```yaml", yaml.safe_dump(info.recipe, sort_keys=False).strip(), "```"]
+    cal = info.calibration or Calibration()
     cmd = (
-        f"kvconvert compress {info['source']} --heads {kv['after']} --method {info['method']} "
-        f"--grouping {info['grouping']} --dataset {cal.get('dataset')} --samples {cal.get('samples')} "
-        f"--seq-len {cal.get('seq_len')} --seed {cal.get('seed')} --output OUT"
+        f"kvconvert compress {info.source} --heads {info.num_key_value_heads.after} --method {info.method} "
+        f"--grouping {info.grouping} --dataset {cal.dataset} --samples {cal.samples} "
+        f"--seq-len {cal.seq_len} --seed {cal.seed} --output OUT"
     )
     return ["```bash", cmd, "```"]
 
 
-def _usage(info: dict) -> list[str]:
-    repo = (info.get("hub") or {}).get("repo_id")
+def _usage(info: Record) -> list[str]:
+    repo = info.hub.repo_id if info.hub else None
     ref = repo or LOCAL_REF
     local = f"./{repo.split('/')[-1]}" if repo else LOCAL_REF
     gguf = f"{(repo or 'model').split('/')[-1]}.gguf"
@@ -231,17 +231,17 @@ def _usage(info: dict) -> list[str]:
     return lines
 
 
-def source_label(info: dict) -> str:
+def source_label(info: Record) -> str:
     """`source`, or `base_model` (as `source`) where the source was a kvconvert alias or a file for it."""
-    base, source = info.get("base_model"), info["source"]
+    base, source = info.base_model, info.source
     return f"`{base}` (as `{source}`)" if base and base != source else f"`{source}`"
 
 
-def model_card(info: dict) -> str:
+def model_card(info: Record) -> str:
     """Markdown card with Hub front matter, from the conversion record written to kvconvert.json."""
-    kv = info["num_key_value_heads"]
-    name = info.get("name") or "this model"
-    heads = f"{kv['after']} KV head{'s' if kv['after'] != 1 else ''}"
+    kv = info.num_key_value_heads
+    name = info.name or "this model"
+    heads = f"{kv.after} KV head{'s' if kv.after != 1 else ''}"
     lines = [
         "---",
         yaml.safe_dump(front_matter(info), sort_keys=False).strip(),
@@ -250,7 +250,7 @@ def model_card(info: dict) -> str:
         f"# {name} with {heads}",
         "",
         f"{source_label(info)} converted by kvconvert from "
-        f"{kv['before']} to {kv['after']} KV heads per layer: the KV cache takes {kv['after']}/{kv['before']} of "
+        f"{kv.before} to {kv.after} KV heads per layer: the KV cache takes {kv.after}/{kv.before} of "
         "its former size. Query heads, shapes of every other tensor, and the code are unchanged.",
         "",
         "| | original | this model |",
@@ -259,7 +259,7 @@ def model_card(info: dict) -> str:
         "",
         *_provenance(info),
     ]
-    if "evaluation" not in info:
+    if info.evaluation is None:
         lines += ["Perplexity has not been measured yet (`kvconvert eval DIR --baseline ORIGINAL` adds it).", ""]
     lines += ["## How it was made", "", *_made_with(info), "", "Reproduce:", "", *_reproduce(info), "", *_usage(info)]
     return "\n".join(lines)

@@ -13,9 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvconvert.card import CARD, RECORD, dump_record, load_record, model_card, update_record
+from kvconvert.card import CARD, model_card, update_record
 from kvconvert.config import PushRequest
 from kvconvert.errors import KVConvertError
+from kvconvert.record import RECORD, dump_record, load_record
 from kvconvert.tensors import TensorReader
 
 IGNORE_PATTERNS = [".*", "*/.*"]
@@ -98,15 +99,12 @@ def upload_plan(req: PushRequest) -> list[UploadFile]:
     kept = filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS)
     sizes = {path: (root / path).stat().st_size for path in kept}
     if RECORD in sizes:
-        record = _with_repo(load_record(root), req.repo_id)
+        old = load_record(root)
+        record = old.with_sections(hub={"repo_id": req.repo_id})
         sizes[RECORD] = len(dump_record(record).encode())
-        if CARD in sizes:
+        if CARD in sizes and record.is_conversion and (root / CARD).read_text() == model_card(old):
             sizes[CARD] = len(model_card(record).encode())
     return [UploadFile(path, size) for path, size in sizes.items()]
-
-
-def _with_repo(record: dict, repo_id: str) -> dict:
-    return record | {"hub": {"repo_id": repo_id}}
 
 
 def token_source() -> str | None:
@@ -132,6 +130,7 @@ def push(req: PushRequest, endpoint: str | None = None) -> PushResult:
                 f"{req.repo_id} already exists and is public; --private does not change an existing repository: "
                 "make it private on the Hub first, or push to a new repository"
             )
+        check_foreign_files(api, req, [f.path for f in files])
         if req.revision:
             api.create_branch(req.repo_id, branch=req.revision, exist_ok=True)
         message = req.commit_message or _default_message(req.directory)
@@ -148,12 +147,45 @@ def push(req: PushRequest, endpoint: str | None = None) -> PushResult:
     return PushResult(req.repo_id, tuple(files), str(info.commit_url), info.pr_url)
 
 
+KEPT_BY_THE_HUB = {".gitattributes"}
+"""Files the Hub writes itself when it creates a repository; replacing them is not replacing the user's work."""
+
+
+def foreign_files(remote: set[str], planned: list[str]) -> list[str]:
+    """The files an upload would replace that kvconvert did not upload: all of the overlap, unless the repository
+    already holds a kvconvert record (then its files came from an earlier push, or a resumed one)."""
+    if RECORD in remote:
+        return []
+    return sorted(p for p in planned if p in remote and p not in KEPT_BY_THE_HUB)
+
+
+def check_foreign_files(api, req: PushRequest, planned: list[str]) -> None:
+    """Refuse to replace files of a repository kvconvert did not fill, unless --overwrite (a pull request replaces
+    nothing until someone merges it)."""
+    if req.overwrite or req.create_pr:
+        return
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    try:
+        info = api.model_info(req.repo_id, revision=req.revision)
+    except RevisionNotFoundError:  # a new branch starts from main
+        info = api.model_info(req.repo_id)
+    clash = foreign_files({s.rfilename for s in info.siblings or []}, planned)
+    if clash:
+        shown = ", ".join(clash[:3]) + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+        raise KVConvertError(
+            f"{req.repo_id} already has {shown}, which kvconvert did not upload; pass --overwrite to replace them, "
+            "--create-pr to propose the change, or push to a new repository"
+        )
+
+
 def _default_message(directory: Path) -> str:
     if not (directory / RECORD).is_file():
         return "Upload with kvconvert"
     record = load_record(directory)
-    kv = record.get("num_key_value_heads") or {}
-    return f"kvconvert: {record.get('name')}, {kv.get('before')} -> {kv.get('after')} KV heads"
+    if (kv := record.num_key_value_heads) is None:
+        return "Upload with kvconvert"
+    return f"kvconvert: {record.name}, {kv.before} -> {kv.after} KV heads"
 
 
 @contextmanager

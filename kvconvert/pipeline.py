@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from kvconvert import __version__
 from kvconvert.calibrate import calibrate, calibration_windows
-from kvconvert.card import CARD, RECORD, dump_record, model_card
+from kvconvert.card import CARD, model_card
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.config import CalibrateConfig, CompressRequest, RefineConfig
 from kvconvert.converted import Converted
@@ -25,6 +24,7 @@ from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.plan import CompressionPlan
 from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
+from kvconvert.record import RECORD, Record, dump_record, new_record
 from kvconvert.refine import refine
 from kvconvert.sources import read_provenance
 from kvconvert.stats import CalibrationStats
@@ -190,13 +190,14 @@ def _compress_with_stats(
         conv, layers = refine(
             conv, windows[: r.samples], r, store, device, dtype, req.calibration.offload_dir, progress
         )
-        record["refine"] = {
+        refined = {
             **r.model_dump(include={"steps", "lr"}),
             "batch_size": r.batch_size,
             "inputs": r.inputs,
             "samples": min(r.samples, len(windows)),
             "layers": layers,
         }
+        record = record.with_sections(refine=refined)
         timings["refine"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -237,32 +238,37 @@ def _compress_with_stats(
     return CompressResult(req.output, plan, timings, result, healed)
 
 
-def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: CalibrationStats) -> dict:
+def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: CalibrationStats) -> Record:
     """What kvconvert.json records: source, license, KV-cache sizes, calibration, and the plan (groups, retained
     energy per layer). No timestamps or machine details: the same inputs give the same bytes."""
     geom = ckpt.family.geometry(ckpt.config)
     n_new = plan.num_kv_heads_after
     key = ckpt.family.tensor_name(0, "k", "weight")
     dtype = ckpt.tensors.dtype(key if key in ckpt.tensors else next(iter(ckpt.tensors.names())))
-    return {
-        "kvconvert_version": __version__,
-        "name": (ckpt.base_model or "").rsplit("/", 1)[-1] or Path(ckpt.spec).name or ckpt.spec,
-        "source": ckpt.spec,
-        "base_model": ckpt.base_model,
-        "license": ckpt.license.get("license"),
-        **{k: v for k, v in ckpt.license.items() if k != "license"},
-        "dtype": str(dtype).removeprefix("torch."),
-        "gguf_source": read_provenance(ckpt.path),
-        "kv_cache": {
+    return new_record(
+        **{
+            "name": (ckpt.base_model or "").rsplit("/", 1)[-1] or Path(ckpt.spec).name or ckpt.spec,
+            "source": ckpt.spec,
+            "base_model": ckpt.base_model,
+            "license": ckpt.license.get("license"),
+            **{k: v for k, v in ckpt.license.items() if k != "license"},
             "dtype": str(dtype).removeprefix("torch."),
-            "dtype_bytes": dtype.itemsize,
-            "bytes_per_token": {
-                "before": geom.kv_bytes_per_token(dtype.itemsize),
-                "after": geom.with_kv_heads(n_new).kv_bytes_per_token(dtype.itemsize),
+            "gguf_source": read_provenance(ckpt.path),
+            "kv_cache": {
+                "dtype": str(dtype).removeprefix("torch."),
+                "dtype_bytes": dtype.itemsize,
+                "bytes_per_token": {
+                    "before": geom.kv_bytes_per_token(dtype.itemsize),
+                    "after": geom.with_kv_heads(n_new).kv_bytes_per_token(dtype.itemsize),
+                },
+                "context_length": getattr(ckpt.config, "max_position_embeddings", None),
             },
-            "context_length": getattr(ckpt.config, "max_position_embeddings", None),
-        },
-        "fingerprint": stats.fingerprint,
-        "calibration": {**stats.source, "data": describe(stats.source.get("dataset", "")), "tokens": stats.n_tokens},
-        **plan.summary(),
-    }
+            "fingerprint": stats.fingerprint,
+            "calibration": {
+                **stats.source,
+                "data": describe(stats.source.get("dataset", "")),
+                "tokens": stats.n_tokens,
+            },
+            **plan.summary(),
+        }
+    )

@@ -79,7 +79,7 @@ def test_one_heal_step_lowers_the_kl(student, tiny_llama, text_a, tmp_path, mode
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(student, tiny_llama, text_a, tmp_path):
     full = run_heal(request(student, tiny_llama, text_a, tmp_path / "full"))
-    assert full.record["heal"]["steps"] == 6 and full.verify.ok
+    assert full.record.heal.steps == 6 and full.verify.ok
 
     class Interrupted(Exception):
         pass
@@ -97,7 +97,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(student, tiny_ll
     with pytest.raises(KVConvertError, match="lr"):
         run_heal(request(student, tiny_llama, text_a, tmp_path / "resumed", lr=5e-4, resume=True))
     resumed = run_heal(request(student, tiny_llama, text_a, tmp_path / "resumed", resume=True))
-    assert resumed.record["heal"]["resumed_from_step"] == 4 and not state.exists()
+    assert resumed.record.heal.resumed_from_step == 4 and not state.exists()
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     s = load_file(student / "model.safetensors")
     assert a.keys() == b.keys() == s.keys()
@@ -154,7 +154,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(student,
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((tmp_path / "two" / "kvconvert.json").read_text())["heal"]
     assert record["processes"] == 2 and record["global_batch_size"] == 2
-    assert record["windows_sha256"] == one.record["heal"]["windows_sha256"]
+    assert record["windows_sha256"] == one.record.heal.windows_sha256
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     s = load_file(student / "model.safetensors")
     for k in a:  # gloo averages the two halves' gradients: equal up to float32 rounding (which Adam can amplify)

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,42 @@ def test_unwritable_output_is_one_line(setup, text_a, command):
     else:
         r = kvconvert("calibrate", str(model), "--dataset", str(text_a), *CAL, "-o", str(out))
     refused(r, "/proc/kvconvert-cannot-write")
+
+
+def as_other_user(*args: str) -> subprocess.CompletedProcess:
+    """The CLI as a user without write access: `nobody` (via setpriv) when the suite runs as root, who may write
+    anywhere; otherwise the current user, for whom the mode bits already hold."""
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    if prefix and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: no user to lack write access")
+    env = os.environ | {"HOME": "/tmp", "HF_HOME": "/tmp/kvconvert-nobody-hf"}
+    cmd = [*prefix, sys.executable, "-m", "kvconvert", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("command", ["compress", "calibrate"])
+def test_read_only_directory_is_one_line(setup, text_a, command):
+    """A directory without write permission (not a /proc path): refused before any work, nothing written."""
+    model, stats = setup
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shutil.copytree(model, root / "model")
+        shutil.copyfile(stats, root / "stats.safetensors")
+        shutil.copyfile(text_a, root / "text.txt")
+        (root / "ro").mkdir()
+        for path in (root, *root.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (root / "ro").chmod(0o555)
+        out = root / "ro" / "out"
+        if command == "compress":
+            r = as_other_user(*compress_args(root / "model", root / "stats.safetensors", out))
+        else:
+            r = as_other_user(
+                "calibrate", str(root / "model"), "--dataset", str(root / "text.txt"), *CAL, "-o", str(out)
+            )
+        refused(r, str(root / "ro"), "Permission denied")
+        assert list((root / "ro").iterdir()) == []
+        (root / "ro").chmod(0o755)
 
 
 @pytest.mark.parametrize(

@@ -106,3 +106,27 @@ def test_push_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     r = push_cli(None, str(tmp_path / "empty"), "tester/x", "--dry-run", home=tmp_path)
     assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_push_never_replaces_files_it_did_not_upload_unless_overwrite(converted, tmp_path):
+    from tests.fakehub import Repo
+
+    theirs = {".gitattributes": b"*.bin filter=lfs\n", "config.json": b'{"theirs": 1}', "notes.txt": b"keep me"}
+    with FakeHub(token=TOKEN) as hub:
+        hub.repos["tester/someone-else"] = Repo(private=False, branches={"main": dict(theirs)})
+        refused = push_cli(hub, str(converted), "tester/someone-else", home=tmp_path)
+        after_refusal = hub.files("tester/someone-else")
+        branch = push_cli(hub, str(converted), "tester/someone-else", "--revision", "kv", home=tmp_path)
+        pr = push_cli(hub, str(converted), "tester/someone-else", "--create-pr", home=tmp_path)
+        forced = push_cli(hub, str(converted), "tester/someone-else", "--overwrite", home=tmp_path)
+        forced_files = hub.files("tester/someone-else")
+        again = push_cli(hub, str(converted), "tester/someone-else", home=tmp_path)  # now it holds kvconvert's files
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config.json" in lines[0] and "--overwrite" in lines[0], refused.stderr
+    assert after_refusal == theirs  # nothing uploaded
+    assert branch.returncode == 2 and "config.json" in branch.stderr  # a new branch starts from main's files
+    assert pr.returncode == 0, pr.stderr  # a pull request replaces nothing until merged
+    assert forced.returncode == 0, forced.stderr
+    assert forced_files["notes.txt"] == b"keep me" and forced_files["config.json"] != theirs["config.json"]
+    assert again.returncode == 0, again.stderr

@@ -59,7 +59,7 @@ def heal_in_place(req: CompressRequest, tokens: int) -> HealRequest:
 def summary(result) -> dict:
     """The run as JSON-ready data: KV heads, mean retained energy, verification, healing, seconds by stage."""
     plan = result.plan
-    heal = result.heal.record["heal"] if result.heal else None
+    heal = result.heal.record.heal.model_dump(mode="json") if result.heal else None
     return {
         "output": str(result.output),
         "num_key_value_heads": {"before": plan.num_kv_heads_before, "after": plan.num_kv_heads_after},

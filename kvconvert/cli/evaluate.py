@@ -34,8 +34,8 @@ def eval_command(req: EvalRequest, json: bool, card: bool) -> None:
     emit("eval", result, json)
     if not json:
         render(result)
-    if card and (path := record_evaluation(req.model, result, req.baseline)):
-        print(f"recorded in {path}", file=sys.stderr)
+    if card and (said := record_evaluation(req.model, result, req.baseline)):
+        print(said, file=sys.stderr)
 
 
 def _eval_cache(req) -> None:

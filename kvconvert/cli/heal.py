@@ -24,7 +24,7 @@ def heal(req: HealRequest, json: bool) -> None:
     finally:
         end_process_group()  # under `accelerate launch`: gloo aborts a process that exits with its group alive
     if result is not None:
-        h = result.record["heal"]
+        h = result.record.heal.model_dump(mode="json")
         verify = {"ok": result.verify.ok, "max_abs_diff": result.verify.max_abs_diff} if result.verify else None
         emit("heal", {"output": str(result.output), "heal": h, "verify": verify, "seconds": result.seconds}, json)
         if not json:
@@ -34,11 +34,11 @@ def heal(req: HealRequest, json: bool) -> None:
 def report(result) -> None:
     from rich.console import Console
 
-    h = result.record["heal"]
+    h = result.record.heal
     console = Console()
     console.print(
-        f"healed {h['tokens']} tokens in {h['steps']} steps ({h['train']}, {h['processes']} process(es)); "
-        f"final loss {h['final_loss']:.4f}; {result.seconds:.0f}s"
+        f"healed {h.tokens} tokens in {h.steps} steps ({h.train}, {h.processes} process(es)); "
+        f"final loss {h.final_loss:.4f}; {result.seconds:.0f}s"
     )
     if result.verify:
         console.print(f"verified: stock reload matches (max |Δlogit| {result.verify.max_abs_diff:.2e})")

@@ -262,6 +262,7 @@ class PushConfig(StageConfig):
     revision: str | None = setting(None, "Branch to push to (created if missing).", OUTPUT, metavar="BRANCH")
     commit_message: str | None = setting(None, "Commit title (default: what was converted).", OUTPUT, metavar="TEXT")
     create_pr: bool = setting(False, "Open a pull request instead of pushing to a branch.", OUTPUT)
+    overwrite: bool = overwrite_field("Replace files in the repository that kvconvert did not upload.")
 
 
 class PushRequest(PushConfig):

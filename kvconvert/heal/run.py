@@ -25,6 +25,7 @@ from kvconvert.heal.trainable import merged, select_trainable
 from kvconvert.heal.write import student_tensors, write_healed
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.progress import Progress, Silent
+from kvconvert.record import Record, new_record, read_record
 from kvconvert.textdata import windows_digest
 from kvconvert.verify import VerifyResult, verify
 
@@ -32,7 +33,7 @@ from kvconvert.verify import VerifyResult, verify
 @dataclass(frozen=True)
 class HealResult:
     output: Path
-    record: dict
+    record: Record
     verify: VerifyResult | None
     seconds: float = 0.0
 
@@ -168,30 +169,30 @@ def run_heal(
     return HealResult(req.output, record, verified, time.perf_counter() - t_start)
 
 
-def heal_record(student: Checkpoint, req: HealRequest, settings: dict, sources, result) -> dict:
+def heal_record(student: Checkpoint, req: HealRequest, settings: dict, sources, result) -> Record:
     """The student's kvconvert.json (if any) plus a `heal` entry describing this run (no timings: the same inputs
     give the same bytes)."""
-    path = student.path / "kvconvert.json"
-    record = json.loads(path.read_text()) if path.exists() else {"kvconvert_version": __version__}
-    record["heal"] = {
-        "kvconvert_version": __version__,
-        "teacher": req.teacher,
-        "data": sources,
-        "tokens": result.tokens,
-        "steps": result.steps,
-        "global_batch_size": req.batch_size * settings["processes"],
-        "seq_len": req.seq_len,
-        "train": req.train,
-        **({"lora_rank": req.lora_rank} if req.train == "lora" else {}),
-        "lr": req.lr,
-        "warmup": req.warmup,
-        "kl_weight": req.kl_weight,
-        "ce_weight": req.ce_weight,
-        "temperature": req.temperature,
-        "processes": settings["processes"],
-        "seed": req.seed,
-        "windows_sha256": settings["windows_sha256"],
-        "final_loss": result.final_loss,
-        "resumed_from_step": result.resumed_from or None,
-    }
-    return record
+    record = read_record(student.path) or new_record()
+    return record.with_sections(
+        heal={
+            "kvconvert_version": __version__,
+            "teacher": req.teacher,
+            "data": sources,
+            "tokens": result.tokens,
+            "steps": result.steps,
+            "global_batch_size": req.batch_size * settings["processes"],
+            "seq_len": req.seq_len,
+            "train": req.train,
+            **({"lora_rank": req.lora_rank} if req.train == "lora" else {}),
+            "lr": req.lr,
+            "warmup": req.warmup,
+            "kl_weight": req.kl_weight,
+            "ce_weight": req.ce_weight,
+            "temperature": req.temperature,
+            "processes": settings["processes"],
+            "seed": req.seed,
+            "windows_sha256": settings["windows_sha256"],
+            "final_loss": result.final_loss,
+            "resumed_from_step": result.resumed_from or None,
+        }
+    )

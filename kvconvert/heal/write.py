@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from kvconvert.checkpoint import Checkpoint
 from kvconvert.errors import KVConvertError
 from kvconvert.io.shards import ShardPlan, spec_of, write_shards
 from kvconvert.io.staging import staged
+from kvconvert.record import RECORD, Record, dump_record
 
 
 def student_tensors(model, student: Checkpoint) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ def write_healed(
     tensors: dict[str, torch.Tensor],
     student: Checkpoint,
     output: Path,
-    record: dict,
+    record: Record,
     *,
     max_shard_size: int | str = "5GB",
     check: Callable[[Path], None] | None = None,
@@ -52,8 +52,8 @@ def write_healed(
         write_shards(tmp, specs, tensors.__getitem__, ShardPlan.split(specs, max_shard_size))
         for path in (student.path / "config.json", *student.side_files()):
             shutil.copyfile(path, tmp / path.name)
-        (tmp / "kvconvert.json").write_text(json.dumps(record, indent=2) + "\n")
-        if "num_key_value_heads" in record:
+        (tmp / RECORD).write_text(dump_record(record))
+        if record.is_conversion:
             (tmp / "README.md").write_text(model_card(record))
         elif (student.path / "README.md").exists():
             shutil.copyfile(student.path / "README.md", tmp / "README.md")

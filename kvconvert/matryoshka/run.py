@@ -6,7 +6,6 @@ section in `kvconvert.json`.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,12 +14,13 @@ from pathlib import Path
 import torch
 
 from kvconvert import __version__
+from kvconvert.card import add_section
 from kvconvert.checkpoint import resolve
 from kvconvert.config.matryoshka import MatryoshkaRunRequest
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
 from kvconvert.heal.data import text_windows
-from kvconvert.io.staging import default_mode, default_modes, staged, write_text
+from kvconvert.io.staging import default_mode, default_modes, staged
 from kvconvert.matryoshka.moments import collect_kv_moments
 from kvconvert.matryoshka.projections import (
     FILENAME,
@@ -33,6 +33,7 @@ from kvconvert.matryoshka.search import greedy_rates, score, sensitivity_table, 
 from kvconvert.matryoshka.train import TrainConfig, train_projections
 from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
 from kvconvert.progress import Progress, Silent
+from kvconvert.record import RECORD, dump_record, new_record, read_record
 from kvconvert.runtime.matryoshka import MatryoshkaRuntime
 from kvconvert.textdata import iter_texts, windows_digest
 
@@ -179,22 +180,16 @@ def write_folded(model, tokenizer, source: Path, output: Path, proj: Projections
     with staged(output, overwrite=overwrite, inputs=[source]) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        record = {"kvconvert_version": __version__, "matryoshka": section}
-        (tmp / "kvconvert.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / RECORD).write_text(dump_record(new_record(matryoshka=section)))
         default_modes(tmp)
 
 
 def write_in_place(output: Path, proj: Projections, section: dict) -> None:
     """Add the projections file (atomically) and the record section to an existing kvconvert output."""
-    from kvconvert.card import RECORD, update_record
-
     with staged(output / FILENAME, overwrite=True, directory=False) as tmp:  # the recipe's own output
         save_projections(tmp, proj, {"budget": section["budget"], "kept_fraction": section["kept_fraction"]})
         default_mode(tmp)
-    if (output / RECORD).is_file():
-        update_record(output, matryoshka=section)
-    else:
-        write_text(output / RECORD, json.dumps({"kvconvert_version": __version__, "matryoshka": section}, indent=2))
+    add_section(output, matryoshka=section)
 
 
 def write_output(source: Path, output: Path, proj: Projections, section: dict, overwrite: bool) -> None:
@@ -204,8 +199,6 @@ def write_output(source: Path, output: Path, proj: Projections, section: dict, o
             if path.is_file() and path.name != FILENAME:
                 shutil.copyfile(path, tmp / path.name)
         save_projections(tmp / FILENAME, proj, {"budget": section["budget"], "kept_fraction": section["kept_fraction"]})
-        record_path = tmp / "kvconvert.json"
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"kvconvert_version": __version__}
-        record["matryoshka"] = section
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        record = (read_record(tmp) or new_record()).with_sections(matryoshka=section)
+        (tmp / RECORD).write_text(dump_record(record))
         default_modes(tmp)

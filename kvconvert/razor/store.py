@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvconvert.card import add_section
 from kvconvert.errors import KVConvertError
 from kvconvert.io.staging import staged, write_text
 
@@ -69,12 +70,4 @@ def attach_profile(checkpoint: Path, profile: dict) -> None:
         raise KVConvertError(f"the profile has {len(profile['retrieval'])} layers, {checkpoint} has another count")
     config[CONFIG_KEY] = config_entry(profile)
     write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    record_path = checkpoint / "kvconvert.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record[RECORD_SECTION] = profile
-    if (checkpoint / "README.md").is_file() and "source" in record:
-        from kvconvert.card import update_record
-
-        update_record(checkpoint, **{RECORD_SECTION: profile})
-    else:
-        write_text(record_path, json.dumps(record, indent=2) + "\n")
+    add_section(checkpoint, **{RECORD_SECTION: profile})
