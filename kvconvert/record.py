@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvconvert.errors import KVConvertError
+from kvconvert.io.staging import read_json
 
 RECORD = "kvconvert.json"
 SCHEMA_VERSION = 1
@@ -185,11 +186,7 @@ def load_record(directory: Path) -> Record:
     path = directory / RECORD
     if not path.is_file():
         raise KVConvertError(f"{directory} has no {RECORD}; point at a directory written by `kvconvert compress`")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise KVConvertError(f"{path} is not valid JSON ({exc}); re-run `kvconvert compress`") from None
-    return parse_record(data, str(path))
+    return parse_record(read_json(path, "re-run `kvconvert compress`"), str(path))
 
 
 def read_record(directory: Path) -> Record | None:

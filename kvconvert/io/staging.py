@@ -9,6 +9,7 @@ output a killed run had set aside (`.NAME.kvconvert-old`) is moved back.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from kvconvert.errors import KVConvertError
 
@@ -179,6 +181,14 @@ def recover(output: Path) -> None:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """The JSON value in `path`; a file that does not parse is one `KVConvertError` ending with `fix`."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KVConvertError(f"{path} is not valid JSON ({exc}); {fix}") from None
 
 
 def write_text(path: Path, text: str) -> None:

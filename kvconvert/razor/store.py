@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kvconvert.card import add_section
 from kvconvert.errors import KVConvertError
-from kvconvert.io.staging import staged, write_text
+from kvconvert.io.staging import read_json, staged, write_text
 
 SCHEMA = "kvconvert-razor-profile/1"
 CONFIG_KEY = "kvconvert_razor"
@@ -37,11 +37,8 @@ def load_profile(spec: str | Path) -> dict:
         return data
     if not path.is_file():
         raise KVConvertError(f"no profile at {path}; make one with `kvconvert profile MODEL --output {path}`")
-    try:
-        profile = json.loads(path.read_text())
-    except ValueError as exc:
-        raise KVConvertError(f"{path} is not valid JSON ({exc})") from exc
-    if profile.get("schema") != SCHEMA or "retrieval" not in profile:
+    profile = read_json(path, "make it again with `kvconvert profile`")
+    if not isinstance(profile, dict) or profile.get("schema") != SCHEMA or "retrieval" not in profile:
         raise KVConvertError(f"{path} is not a kvconvert retrieval profile (schema {SCHEMA})")
     return profile
 
