@@ -163,14 +163,15 @@ def cache_check(model, proj: Projections, tokens: int) -> dict:
     return {"tokens": seen, "measured": cache.nbytes(), "computed": rt.kv_bytes(seen, 1), "full": full}
 
 
-def render(r: dict, command: str) -> str:
+def render(r: dict) -> str:
     """The results page (markdown) from a report."""
     m, o = r["matryoshka"], r["original_ppl"]
     t = m["train"]
     lines = [
         "# MatryoshkaKV results",
         "",
-        f"Measured by `{command}` on {r['device']} (float32); {r['total_s']:.0f} s in all.",
+        "Measured by " + " and ".join(f"`{c}`" for c in r["commands"]) + f" on {r['device']} (float32); "
+        f"{r['total_s']:.0f} s in all.",
         f"Model {r['model']}. Held-out perplexity on {r['eval_windows']} x {r['seq_len']} tokens "
         f"({r['eval_tokens']} tokens) of text never used for calibration. Original: **{o:.3f}**.",
         f"PCA from post-RoPE key / value moments of {m['moments_tokens']} tokens; training {t['steps']} steps x "
@@ -218,6 +219,14 @@ def render(r: dict, command: str) -> str:
             f"{mm['trained_searched']:.3f} |",
             f"| MatryoshkaKV alone (trained + searched) | {k['matryoshka_at_combined_share']['fraction']:.1%} | "
             f"{k['matryoshka_at_combined_share']['ppl']:.3f} |",
+            "",
+            f"MatryoshkaKV on the merged model: trained like the original ({k['merged_matryoshka']['train']['tokens']} "
+            f"tokens, {k['merged_matryoshka']['train']['seconds']:.0f} s wall"
+            + (
+                f", {k['merged_matryoshka']['train']['cpu_seconds']:.0f} s process CPU)."
+                if "cpu_seconds" in k["merged_matryoshka"]["train"]
+                else ")."
+            ),
         ]
     return "\n".join(lines) + "\n"
 
@@ -242,8 +251,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     ap.add_argument("--projections", type=Path, default=None, help="Save trained bases here; reuse them if present.")
     ap.add_argument("--train-only", action="store_true", help="Stop after training (with --projections).")
+    ap.add_argument("--no-main", action="store_true", help="Only the combination (bases from --projections).")
+    ap.add_argument("--reports", type=Path, nargs="+", help="Render these --json reports (parts of one run) only.")
     ap.add_argument("--out", type=Path, default=Path("docs/results/matryoshka.md"))
     args = ap.parse_args()
+    if args.reports:  # e.g. a main-table run and a --no-main combination run, side by side on a 2-core machine
+        report = {}
+        for path in args.reports:
+            part = json.loads(path.read_text())
+            report |= part | {"commands": report.get("commands", []) + part["commands"]}
+        report["total_s"] = sum(json.loads(p.read_text())["total_s"] for p in args.reports)
+        args.out.write_text(render(report))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -270,10 +289,14 @@ def main() -> None:
                 m = model if label == "original" else load(spec, device)[0]
                 print(label, matryoshka_suite(m, train_w, heldout_w, eval_w, args, (), label)["train"], flush=True)
         return
-    main_suite = matryoshka_suite(model, train_w, heldout_w, eval_w, args, BUDGETS, "original")
-    trained, searched = main_suite.pop("trained"), main_suite.pop("searched")
-    report["matryoshka"] = main_suite
-    report["cache"] = cache_check(model, searched[0.5], 64)
+    report["commands"] = ["python -m bench.matryoshka " + " ".join(sys.argv[1:])]
+    if args.no_main:
+        trained = load_projections(args.projections / "original.safetensors")[0]
+    else:
+        main_suite = matryoshka_suite(model, train_w, heldout_w, eval_w, args, BUDGETS, "original")
+        trained, searched = main_suite.pop("trained"), main_suite.pop("searched")
+        report["matryoshka"] = main_suite
+        report["cache"] = cache_check(model, searched[0.5], 64)
     if args.merged:
         merged, _ = load(args.merged, device)
         share = merged.config.num_key_value_heads / n_kv
@@ -290,10 +313,12 @@ def main() -> None:
             }
         report["combination"] = combo
     report["total_s"] = time.perf_counter() - t_start
+    report["total_cpu_s"] = time.process_time()
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(report, "python -m bench.matryoshka " + " ".join(sys.argv[1:])))
+    if not args.no_main:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(report))
     print(json.dumps({k: v for k, v in report.items() if k != "matryoshka"}, indent=1)[:3000])
 
 
