@@ -251,6 +251,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     ap.add_argument("--projections", type=Path, default=None, help="Save trained bases here; reuse them if present.")
     ap.add_argument("--train-only", action="store_true", help="Stop after training (with --projections).")
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="Budgets of the main table.")
     ap.add_argument("--no-main", action="store_true", help="Only the combination (bases from --projections).")
     ap.add_argument("--reports", type=Path, nargs="+", help="Render these --json reports (parts of one run) only.")
     ap.add_argument("--out", type=Path, default=Path("docs/results/matryoshka.md"))
@@ -259,6 +260,8 @@ def main() -> None:
         report = {}
         for path in args.reports:
             part = json.loads(path.read_text())
+            if "matryoshka" in report and "matryoshka" in part:  # two halves of the budgets
+                part["matryoshka"]["budgets"] = report["matryoshka"]["budgets"] | part["matryoshka"]["budgets"]
             report |= part | {"commands": report.get("commands", []) + part["commands"]}
         report["total_s"] = sum(json.loads(p.read_text())["total_s"] for p in args.reports)
         args.out.write_text(render(report))
@@ -293,10 +296,11 @@ def main() -> None:
     if args.no_main:
         trained = load_projections(args.projections / "original.safetensors")[0]
     else:
-        main_suite = matryoshka_suite(model, train_w, heldout_w, eval_w, args, BUDGETS, "original")
+        main_suite = matryoshka_suite(model, train_w, heldout_w, eval_w, args, args.budgets, "original")
         trained, searched = main_suite.pop("trained"), main_suite.pop("searched")
         report["matryoshka"] = main_suite
-        report["cache"] = cache_check(model, searched[0.5], 64)
+        if 0.5 in searched:
+            report["cache"] = cache_check(model, searched[0.5], 64)
     if args.merged:
         merged, _ = load(args.merged, device)
         share = merged.config.num_key_value_heads / n_kv
@@ -316,7 +320,7 @@ def main() -> None:
     report["total_cpu_s"] = time.process_time()
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    if not args.no_main:
+    if not args.no_main and "cache" in report:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render(report))
     print(json.dumps({k: v for k, v in report.items() if k != "matryoshka"}, indent=1)[:3000])
