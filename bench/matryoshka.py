@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--projections", type=Path, default=None, help="Save trained bases here; reuse them if present.")
     ap.add_argument("--train-only", action="store_true", help="Stop after training (with --projections).")
     ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="Budgets of the main table.")
+    ap.add_argument("--combination", choices=("all", "merged", "alone"), default="all", help="Which rows (--merged).")
     ap.add_argument("--no-main", action="store_true", help="Only the combination (bases from --projections).")
     ap.add_argument("--reports", type=Path, nargs="+", help="Render these --json reports (parts of one run) only.")
     ap.add_argument("--out", type=Path, default=Path("docs/results/matryoshka.md"))
@@ -262,6 +263,8 @@ def main() -> None:
             part = json.loads(path.read_text())
             if "matryoshka" in report and "matryoshka" in part:  # two halves of the budgets
                 part["matryoshka"]["budgets"] = report["matryoshka"]["budgets"] | part["matryoshka"]["budgets"]
+            if "combination" in report and "combination" in part:  # its merged and alone halves
+                part["combination"] = report["combination"] | part["combination"]
             report |= part | {"commands": report.get("commands", []) + part["commands"]}
         report["total_s"] = sum(json.loads(p.read_text())["total_s"] for p in args.reports)
         args.out.write_text(render(report))
@@ -304,11 +307,14 @@ def main() -> None:
     if args.merged:
         merged, _ = load(args.merged, device)
         share = merged.config.num_key_value_heads / n_kv
-        combo = {"kv_share": share, "merged_ppl": ppl(merged, None, eval_w, args.batch)}
-        combo["merged_matryoshka"] = matryoshka_suite(merged, train_w, heldout_w, eval_w, args, (0.5,), "merged")
-        combo["merged_matryoshka"].pop("trained"), combo["merged_matryoshka"].pop("searched")
+        combo: dict = {"kv_share": share}
+        if args.combination in ("all", "merged"):
+            combo["merged_ppl"] = ppl(merged, None, eval_w, args.batch)
+            combo["merged_matryoshka"] = matryoshka_suite(merged, train_w, heldout_w, eval_w, args, (0.5,), "merged")
+            combo["merged_matryoshka"].pop("trained"), combo["merged_matryoshka"].pop("searched")
         step = max(1, trained.shape[2] // 8)
-        for name, b in (("matryoshka_at_merge_share", share), ("matryoshka_at_combined_share", share * 0.5)):
+        alone = (("matryoshka_at_merge_share", share), ("matryoshka_at_combined_share", share * 0.5))
+        for name, b in alone if args.combination in ("all", "alone") else ():
             found, row = search(model, trained, heldout_w, b, step, args)
             combo[name] = row | {
                 "budget": b,
