@@ -171,7 +171,9 @@ def render(r: dict) -> str:
         "# MatryoshkaKV results",
         "",
         "Measured by " + " and ".join(f"`{c}`" for c in r["commands"]) + f" on {r['device']} (float32); "
-        f"{r['total_s']:.0f} s in all.",
+        f"{r['total_s']:.0f} s wall"
+        + (" summed over the parts (run side by side)" if len(r["commands"]) > 1 else "")
+        + (f", {r['total_cpu_s']:.0f} s process CPU." if "total_cpu_s" in r else "."),
         f"Model {r['model']}. Held-out perplexity on {r['eval_windows']} x {r['seq_len']} tokens "
         f"({r['eval_tokens']} tokens) of text never used for calibration. Original: **{o:.3f}**.",
         f"PCA from post-RoPE key / value moments of {m['moments_tokens']} tokens; training {t['steps']} steps x "
@@ -267,6 +269,9 @@ def main() -> None:
                 part["combination"] = report["combination"] | part["combination"]
             report |= part | {"commands": report.get("commands", []) + part["commands"]}
         report["total_s"] = sum(json.loads(p.read_text())["total_s"] for p in args.reports)
+        report["total_cpu_s"] = sum(json.loads(p.read_text())["total_cpu_s"] for p in args.reports)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
         args.out.write_text(render(report))
         return
     if args.threads:
