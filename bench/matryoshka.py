@@ -131,7 +131,7 @@ def matryoshka_suite(model, train_w, heldout_w, eval_w, args, budgets, label: st
 def search(model, trained: Projections, heldout_w: torch.Tensor, budget: float, step: int, args) -> tuple:
     """The rate search at one budget: its result and a report row (timed, wall and process CPU)."""
     t, cpu = time.perf_counter(), time.process_time()
-    found = refine_rates(model, trained, heldout_w, budget, step, args.search_evals)
+    found = refine_rates(model, trained, heldout_w, budget, step, args.search_evals, objective=args.search_objective)
     row = {
         "search_s": time.perf_counter() - t,
         "search_cpu_s": time.process_time() - cpu,
@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--search-evals", type=int, default=16, help="Held-out forwards per rate search.")
+    ap.add_argument("--search-objective", choices=("kl", "ce"), default="kl", help="What the rate search lowers.")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     ap.add_argument("--projections", type=Path, default=None, help="Save trained bases here; reuse them if present.")
     ap.add_argument("--train-only", action="store_true", help="Stop after training (with --projections).")

@@ -204,6 +204,8 @@ def test_refine_rates_keeps_the_budget_and_never_loses_to_its_uniform_start(tiny
     assert score(model, found.projections, windows, ref) == pytest.approx(found.kl)
     topped = refine_rates(model, proj, windows, 0.6, 4, evals=0)  # 0.6 * 16 = 9.6: uniform 8, topped up
     assert 0.5 < topped.projections.fraction() <= 0.6 and topped.tried == 0
+    by_ce = refine_rates(model, proj, windows, 0.5, 4, evals=3, objective="ce")
+    assert by_ce.kl <= by_ce.uniform_kl and by_ce.uniform_kl > 1  # next-token CE of a random tiny model: ~log V
     keys_kept = refine_rates(model, proj, windows, 0.75, 4, evals=2, values_only=True).projections
     assert (keys_kept.key_rates == D).all() and keys_kept.fraction() == 0.75
 

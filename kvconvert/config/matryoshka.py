@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from kvconvert.config.base import INPUT, MERGE, OUTPUT, TRAINING, StageConfig, setting
 from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field, overwrite_field
@@ -27,6 +28,9 @@ class MatryoshkaConfig(StageConfig):
     search: bool = setting(True, "Search per-head rates: moves of dims between heads from the uniform cut.", MERGE)
     search_evals: int = setting(
         16, "Held-out forwards the rate search may spend on candidate moves (each kept only if it helps).", MERGE, ge=0
+    )
+    search_objective: Literal["kl", "ce"] = setting(
+        "kl", "What the rate search lowers on the held-out windows: KL to the original, or next-token CE.", MERGE
     )
     values_only: bool = setting(False, "Cut values only; keys keep every dim.", MERGE)
     fold_values: bool = setting(

@@ -112,19 +112,33 @@ def build_projections(
     if req.search:
         t1 = time.perf_counter()
         found = refine_rates(
-            model, proj, heldout_w, req.budget, step, req.search_evals, values_only=req.values_only, progress=progress
+            model,
+            proj,
+            heldout_w,
+            req.budget,
+            step,
+            req.search_evals,
+            values_only=req.values_only,
+            progress=progress,
+            objective=req.search_objective,
         )
-        # moves are accepted only when a real forward on the held-out windows improves the KL
+        # moves are accepted only when a real forward on the held-out windows lowers the search objective
+        searched_kl = (
+            found.kl if req.search_objective == "kl" else score(model, found.projections, heldout_w, reference)
+        )
         info["search"] = {
+            "objective": req.search_objective,
             "uniform_kl": info["heldout_kl"],
-            "start_kl": found.uniform_kl,
-            "searched_kl": found.kl,
+            "start": found.uniform_kl,
+            "searched": found.kl,
+            "searched_kl": searched_kl,
             "tried": found.tried,
             "moves": [list(map(list, m)) for m in found.moves],
         }
-        if found.kl <= info["heldout_kl"]:
-            proj, info["heldout_kl"] = found.projections, found.kl
-        info["search"]["kept"] = "searched" if proj is found.projections else "uniform"
+        keep = searched_kl <= info["heldout_kl"] if req.search_objective == "kl" else True
+        if keep:
+            proj, info["heldout_kl"] = found.projections, searched_kl
+        info["search"]["kept"] = "searched" if keep else "uniform"
         info["seconds"]["search"] = time.perf_counter() - t1
     return proj, info
 

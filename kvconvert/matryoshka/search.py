@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kvconvert.heal.objective import kl_divergence
 from kvconvert.matryoshka.projections import Projections, uniform_rate
@@ -56,14 +57,21 @@ def teacher_logits(model, windows: torch.Tensor) -> torch.Tensor:
             m.matryoshka.enabled = True
 
 
+def search_loss(logits: torch.Tensor, reference: torch.Tensor | None, windows: torch.Tensor) -> torch.Tensor:
+    """KL(original ‖ cut) against `reference` logits, or next-token cross-entropy of `windows` when it is None."""
+    if reference is not None:
+        return kl_divergence(logits, reference)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), windows[:, 1:].flatten())
+
+
 @torch.no_grad()
-def score(model, proj: Projections, windows: torch.Tensor, reference: torch.Tensor) -> float:
-    """Held-out KL(original ‖ cut) of `proj`'s rates (model attached to `proj`'s bases)."""
+def score(model, proj: Projections, windows: torch.Tensor, reference: torch.Tensor | None) -> float:
+    """Held-out KL(original ‖ cut) (or CE, `reference` None) of `proj`'s rates (model attached to its bases)."""
     _set_rates(model, proj.key_rates, proj.value_rates)
-    return float(kl_divergence(model(input_ids=windows, use_cache=False).logits, reference))
+    return float(search_loss(model(input_ids=windows, use_cache=False).logits, reference, windows))
 
 
-def mask_gradients(model, proj: Projections, windows: torch.Tensor, reference: torch.Tensor, chunk: int = 2):
+def mask_gradients(model, proj: Projections, windows: torch.Tensor, reference: torch.Tensor | None, chunk: int = 2):
     """d KL / d mask (L, n_kv, 2, D) at `proj`'s rates: per-dim masks of keys (kind 0) and values (kind 1)."""
     mods = attention_modules(model)
     dims = torch.arange(proj.shape[2])
@@ -81,7 +89,8 @@ def mask_gradients(model, proj: Projections, windows: torch.Tensor, reference: t
             m.matryoshka.soft_masks = (masks[i][0], masks[i][1])
         for lo in range(0, len(windows), chunk):
             logits = model(input_ids=windows[lo : lo + chunk], use_cache=False).logits
-            loss = kl_divergence(logits, reference[lo : lo + chunk]) * len(windows[lo : lo + chunk]) / len(windows)
+            part = None if reference is None else reference[lo : lo + chunk]
+            loss = search_loss(logits, part, windows[lo : lo + chunk]) * len(windows[lo : lo + chunk]) / len(windows)
             for g, d in zip(grads, torch.autograd.grad(loss, masks), strict=True):
                 g += d
     finally:
@@ -134,11 +143,12 @@ def refine_rates(
     evals: int = 16,
     values_only: bool = False,
     progress: Progress | None = None,
+    objective: str = "kl",
 ) -> SearchResult:
     """Per-unit rates within `budget` (kept share of the cache), never worse on `windows` than the start."""
     MatryoshkaRuntime(proj).attach(model)
     windows = windows.to(next(model.parameters()).device)
-    reference = teacher_logits(model, windows)
+    reference = teacher_logits(model, windows) if objective == "kl" else None  # "ce": the windows' own tokens
     layers, n_kv, head_dim = proj.shape
     frozen = torch.zeros(layers, n_kv, 2, dtype=torch.bool)
     if values_only:  # keys keep every dim
