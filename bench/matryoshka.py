@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--search-evals", type=int, default=16, help="Held-out forwards per rate search.")
-    ap.add_argument("--search-objective", choices=("kl", "ce"), default="kl", help="What the rate search lowers.")
+    ap.add_argument("--search-objective", choices=("kl", "ce"), default="ce", help="What the rate search lowers.")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     ap.add_argument("--projections", type=Path, default=None, help="Save trained bases here; reuse them if present.")
     ap.add_argument("--train-only", action="store_true", help="Stop after training (with --projections).")

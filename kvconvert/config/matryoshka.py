@@ -30,7 +30,7 @@ class MatryoshkaConfig(StageConfig):
         16, "Held-out forwards the rate search may spend on candidate moves (each kept only if it helps).", MERGE, ge=0
     )
     search_objective: Literal["kl", "ce"] = setting(
-        "kl", "What the rate search lowers on the held-out windows: KL to the original, or next-token CE.", MERGE
+        "ce", "What the rate search lowers on the held-out windows: next-token CE, or the KL to the original.", MERGE
     )
     values_only: bool = setting(False, "Cut values only; keys keep every dim.", MERGE)
     fold_values: bool = setting(

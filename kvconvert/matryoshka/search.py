@@ -1,13 +1,14 @@
 """Per-(layer, head) rate search under a total cache budget: moves of dims between heads, from the uniform cut.
 
-Score of a cut: KL(original ‖ cut) on held-out windows. A *unit* is one (layer, KV head, keys/values); its rate
-moves in steps of `step` dims. The search starts at the uniform rate r0 (topped up to the budget by the units
-whose next block promises most) and then tries *swaps* at constant budget: one unit gives a block, another takes
-one. Candidates are ranked by a cheap proxy — the gradient of the KL with respect to per-dim masks, taken at the
-uniform cuts r0 − step, r0 and r0 + step; the cost of cutting a unit from lo + step to lo is −½(g_lo + g_hi) summed
-over that block (a trapezoid, so the curvature between the two cuts counts) — and each candidate is *accepted only
-if a real forward pass on the held-out windows lowers the KL*. So the result is never worse than its start on those
-windows; rates stay within one step of r0, and a unit moves at most once (its proxy is stale afterwards).
+Score of a cut on held-out windows: KL(original ‖ cut), or their next-token cross-entropy (`objective="ce"`).
+A *unit* is one (layer, KV head, keys/values); its rate moves in steps of `step` dims. The search starts at the
+uniform rate r0 (topped up to the budget by the units whose next block promises most) and then tries *swaps* at
+constant budget: one unit gives a block, another takes one. Candidates are ranked by a cheap proxy — the gradient
+of the score with respect to per-dim masks, taken at the uniform cuts r0 − step, r0 and r0 + step; the cost of
+cutting a unit from lo + step to lo is −½(g_lo + g_hi) summed over that block (a trapezoid, so the curvature
+between the two cuts counts) — and each candidate is *accepted only if a real forward pass on the held-out windows
+lowers the score*. So the result is never worse than its start on those windows; rates stay within one step of
+r0, and a unit moves at most once (its proxy is stale afterwards).
 
 Why not greedy descent from full rate on single-cut scores (the search this replaced): with every other head at
 full rate, one cut's KL is tiny and noisy, and adding those scores up ignores that cuts compound. It drove rates
