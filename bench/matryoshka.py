@@ -21,8 +21,15 @@ import torch
 from kvconvert.evaluation.perplexity import perplexity
 from kvconvert.heal.data import text_windows
 from kvconvert.matryoshka.moments import collect_kv_moments
-from kvconvert.matryoshka.projections import Projections, orthogonality_error, pca_bases, uniform_rate
-from kvconvert.matryoshka.search import greedy_rates, sensitivity_table
+from kvconvert.matryoshka.projections import (
+    Projections,
+    load_projections,
+    orthogonality_error,
+    pca_bases,
+    save_projections,
+    uniform_rate,
+)
+from kvconvert.matryoshka.search import refine_rates
 from kvconvert.matryoshka.train import TrainConfig, train_projections
 from kvconvert.runtime.matryoshka import MatryoshkaRuntime
 from kvconvert.runtime.matryoshka_attention import attention_modules
@@ -62,6 +69,27 @@ def uniform(proj: Projections, budget: float, step: int) -> Projections:
     return proj.with_rates(r, r.clone())
 
 
+def train(model, pca: Projections, train_w: torch.Tensor, args) -> tuple[Projections, dict]:
+    """Matryoshka training from the PCA bases; the trained projections and what it cost (wall and process CPU)."""
+    cfg = TrainConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, seed=0)
+    cpu0 = time.process_time()
+    res = train_projections(model, pca, train_w, cfg, max(1, pca.shape[2] // 8))
+    trained = res.projections
+    return trained, {
+        "steps": cfg.steps,
+        "batch": cfg.batch_size,
+        "seq_len": train_w.shape[1],
+        "tokens": res.tokens,
+        "seconds": res.seconds,
+        "cpu_seconds": time.process_time() - cpu0,
+        "threads": torch.get_num_threads(),
+        "lr": cfg.lr,
+        "loss_first10": sum(res.losses[:10]) / 10,
+        "loss_last10": sum(res.losses[-10:]) / 10,
+        "orthogonality_error": max(orthogonality_error(trained.key_basis), orthogonality_error(trained.value_basis)),
+    }
+
+
 def matryoshka_suite(model, train_w, heldout_w, eval_w, args, budgets, label: str) -> dict:
     """PCA bases, training, one sensitivity table; perplexities per budget for the three variants."""
     out: dict = {"label": label}
@@ -72,40 +100,50 @@ def matryoshka_suite(model, train_w, heldout_w, eval_w, args, budgets, label: st
     step = max(1, head_dim // 8)
     pca = Projections(pca_bases(key_m), pca_bases(value_m), *([torch.full(key_m.shape[:2], head_dim)] * 2))
     out["moments_tokens"], out["moments_s"] = moments.tokens, time.perf_counter() - t0
-    cfg = TrainConfig(steps=args.steps, batch_size=args.train_batch, lr=args.lr, seed=0)
-    res = train_projections(model, pca, train_w, cfg, step)
-    trained = res.projections
-    out["train"] = {
-        "steps": cfg.steps,
-        "batch": cfg.batch_size,
-        "seq_len": train_w.shape[1],
-        "tokens": res.tokens,
-        "seconds": res.seconds,
-        "lr": cfg.lr,
-        "loss_first10": sum(res.losses[:10]) / 10,
-        "loss_last10": sum(res.losses[-10:]) / 10,
-        "orthogonality_error": max(orthogonality_error(trained.key_basis), orthogonality_error(trained.value_basis)),
-    }
-    t1 = time.perf_counter()
-    table = sensitivity_table(model, trained, heldout_w, step)
-    out["search_s"] = time.perf_counter() - t1
-    out["search_forwards"] = table.scores.numel()
-    rows = {}
+    saved = args.projections / f"{label}.safetensors" if args.projections else None
+    if saved is not None and saved.is_file():  # trained by an earlier run with the same settings
+        trained, out["train"] = load_projections(saved)
+        trained = trained.with_rates(pca.key_rates, pca.value_rates)
+    else:
+        trained, out["train"] = train(model, pca, train_w, args)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            save_projections(saved, trained, out["train"])
+    if args.train_only:
+        return out
+    rows, out["searched"] = {}, {}
     for b in budgets:
-        searched = trained.with_rates(*greedy_rates(table, head_dim, b))
-        rows[str(b)] = {
+        found, row = search(model, trained, heldout_w, b, step, args)
+        out["searched"][b] = searched = found.projections
+        row |= {
             "pca_uniform": ppl(model, uniform(pca, b, step), eval_w, args.batch),
             "trained_uniform": ppl(model, uniform(trained, b, step), eval_w, args.batch),
             "trained_searched": ppl(model, searched, eval_w, args.batch),
             "uniform_fraction": uniform(pca, b, step).fraction(),
-            "searched_fraction": searched.fraction(),
-            "searched_key_rates": searched.key_rates.tolist(),
-            "searched_value_rates": searched.value_rates.tolist(),
         }
-        print(label, b, {k: v for k, v in rows[str(b)].items() if "rates" not in k}, flush=True)
+        rows[str(b)] = row
+        print(label, b, {k: v for k, v in row.items() if "rates" not in k}, flush=True)
     out["budgets"] = rows
-    out["trained"], out["table"] = trained, table
+    out["trained"] = trained
     return out
+
+
+def search(model, trained: Projections, heldout_w: torch.Tensor, budget: float, step: int, args) -> tuple:
+    """The rate search at one budget: its result and a report row (timed, wall and process CPU)."""
+    t, cpu = time.perf_counter(), time.process_time()
+    found = refine_rates(model, trained, heldout_w, budget, step, args.search_evals, objective=args.search_objective)
+    row = {
+        "search_s": time.perf_counter() - t,
+        "search_cpu_s": time.process_time() - cpu,
+        "search_tried": found.tried,
+        "search_moves": found.moves,
+        "search_start_kl": found.uniform_kl,
+        "search_kl": found.kl,
+        "searched_fraction": found.projections.fraction(),
+        "searched_key_rates": found.projections.key_rates.tolist(),
+        "searched_value_rates": found.projections.value_rates.tolist(),
+    }
+    return found, row
 
 
 @torch.no_grad()
@@ -125,30 +163,39 @@ def cache_check(model, proj: Projections, tokens: int) -> dict:
     return {"tokens": seen, "measured": cache.nbytes(), "computed": rt.kv_bytes(seen, 1), "full": full}
 
 
-def render(r: dict, command: str) -> str:
+def render(r: dict) -> str:
     """The results page (markdown) from a report."""
     m, o = r["matryoshka"], r["original_ppl"]
     t = m["train"]
     lines = [
         "# MatryoshkaKV results",
         "",
-        f"Measured by `{command}` on {r['device']} (float32); {r['total_s']:.0f} s in all.",
+        "Measured by " + " and ".join(f"`{c}`" for c in r["commands"]) + f" on {r['device']} (float32); "
+        f"{r['total_s']:.0f} s wall"
+        + (" summed over the parts (run side by side)" if len(r["commands"]) > 1 else "")
+        + (f", {r['total_cpu_s']:.0f} s process CPU." if "total_cpu_s" in r else "."),
         f"Model {r['model']}. Held-out perplexity on {r['eval_windows']} x {r['seq_len']} tokens "
         f"({r['eval_tokens']} tokens) of text never used for calibration. Original: **{o:.3f}**.",
         f"PCA from post-RoPE key / value moments of {m['moments_tokens']} tokens; training {t['steps']} steps x "
-        f"{t['batch']} windows x {t['seq_len']} tokens = {t['tokens']} tokens in {t['seconds']:.0f} s (lr {t['lr']}, "
-        f"loss {t['loss_first10']:.4f} -> {t['loss_last10']:.4f}, max |PtP - I| {t['orthogonality_error']:.1e}); "
-        f"rate search: {m['search_forwards']} held-out forwards ({r['heldout_windows']} windows) "
-        f"in {m['search_s']:.0f} s.",
+        f"{t['batch']} windows x {t['seq_len']} tokens = {t['tokens']} tokens in {t['seconds']:.0f} s wall"
+        + (f", {t['cpu_seconds']:.0f} s process CPU ({t['threads']} thread)" if "cpu_seconds" in t else "")
+        + f" (lr {t['lr']}, loss {t['loss_first10']:.4f} -> {t['loss_last10']:.4f}, "
+        f"max |PtP - I| {t['orthogonality_error']:.1e}); rate search on {r['heldout_windows']} held-out calibration "
+        f"windows (moves from the uniform cut, each kept only if a real forward lowers the KL there).",
         "",
-        "| KV cache budget | PCA, uniform | trained, uniform | trained + searched | searched share kept |",
-        "| --- | --- | --- | --- | --- |",
+        "| KV cache budget | PCA, uniform | trained, uniform | trained + searched | searched share kept "
+        "| search: moves kept / tried, KL start -> end, CPU s |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for b, row in m["budgets"].items():
         cells = [
             f"{row[k]:.3f} ({row[k] / o - 1:+.1%})" for k in ("pca_uniform", "trained_uniform", "trained_searched")
         ]
-        lines.append(f"| {float(b):.1%} | " + " | ".join(cells) + f" | {row['searched_fraction']:.1%} |")
+        found = (
+            f"{len(row['search_moves'])} / {row['search_tried']}, {row['search_start_kl']:.4f} -> "
+            f"{row['search_kl']:.4f}, {row['search_cpu_s']:.0f}"
+        )
+        lines.append(f"| {float(b):.1%} | " + " | ".join(cells) + f" | {row['searched_fraction']:.1%} | {found} |")
     c = r["cache"]
     lines += [
         "",
@@ -174,6 +221,14 @@ def render(r: dict, command: str) -> str:
             f"{mm['trained_searched']:.3f} |",
             f"| MatryoshkaKV alone (trained + searched) | {k['matryoshka_at_combined_share']['fraction']:.1%} | "
             f"{k['matryoshka_at_combined_share']['ppl']:.3f} |",
+            "",
+            f"MatryoshkaKV on the merged model: trained like the original ({k['merged_matryoshka']['train']['tokens']} "
+            f"tokens, {k['merged_matryoshka']['train']['seconds']:.0f} s wall"
+            + (
+                f", {k['merged_matryoshka']['train']['cpu_seconds']:.0f} s process CPU)."
+                if "cpu_seconds" in k["merged_matryoshka"]["train"]
+                else ")."
+            ),
         ]
     return "\n".join(lines) + "\n"
 
@@ -186,7 +241,7 @@ def main() -> None:
     ap.add_argument("--eval-text", type=Path, required=True)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--heldout", type=int, default=4)
+    ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--train-batch", type=int, default=8)
@@ -194,8 +249,34 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--search-evals", type=int, default=16, help="Held-out forwards per rate search.")
+    ap.add_argument("--search-objective", choices=("kl", "ce"), default="ce", help="What the rate search lowers.")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
+    ap.add_argument("--projections", type=Path, default=None, help="Save trained bases here; reuse them if present.")
+    ap.add_argument("--train-only", action="store_true", help="Stop after training (with --projections).")
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="Budgets of the main table.")
+    ap.add_argument("--combination", choices=("all", "merged", "alone"), default="all", help="Which rows (--merged).")
+    ap.add_argument("--no-main", action="store_true", help="Only the combination (bases from --projections).")
+    ap.add_argument("--reports", type=Path, nargs="+", help="Render these --json reports (parts of one run) only.")
     ap.add_argument("--out", type=Path, default=Path("docs/results/matryoshka.md"))
     args = ap.parse_args()
+    if args.reports:  # e.g. a main-table run and a --no-main combination run, side by side on a 2-core machine
+        report = {}
+        for path in args.reports:
+            part = json.loads(path.read_text())
+            if "matryoshka" in report and "matryoshka" in part:  # two halves of the budgets
+                part["matryoshka"]["budgets"] = report["matryoshka"]["budgets"] | part["matryoshka"]["budgets"]
+            if "combination" in report and "combination" in part:  # its merged and alone halves
+                part["combination"] = report["combination"] | part["combination"]
+            report |= part | {"commands": report.get("commands", []) + part["commands"]}
+        report["total_s"] = sum(json.loads(p.read_text())["total_s"] for p in args.reports)
+        report["total_cpu_s"] = sum(json.loads(p.read_text())["total_cpu_s"] for p in args.reports)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        args.out.write_text(render(report))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     model, tok = load(args.model, device)
@@ -211,33 +292,49 @@ def main() -> None:
         "heldout_windows": len(heldout_w),
         "eval_windows": len(eval_w),
         "eval_tokens": int(eval_w.numel()),
-        "original_ppl": ppl(model, None, eval_w, args.batch),
+        "original_ppl": ppl(model, None, eval_w, args.batch) if not args.train_only else None,
     }
     print("original", report["original_ppl"], flush=True)
-    main_suite = matryoshka_suite(model, train_w, heldout_w, eval_w, args, BUDGETS, "original")
-    trained, table = main_suite.pop("trained"), main_suite.pop("table")
-    report["matryoshka"] = main_suite
-    half = trained.with_rates(*greedy_rates(table, trained.shape[2], 0.5))
-    report["cache"] = cache_check(model, half, 64)
+    if args.train_only:  # only the trained bases (saved under --projections); the tables come from a later run
+        for label, spec in (("original", args.model), ("merged", args.merged)):
+            if spec:
+                m = model if label == "original" else load(spec, device)[0]
+                print(label, matryoshka_suite(m, train_w, heldout_w, eval_w, args, (), label)["train"], flush=True)
+        return
+    report["commands"] = ["python -m bench.matryoshka " + " ".join(sys.argv[1:])]
+    if args.no_main:
+        trained = load_projections(args.projections / "original.safetensors")[0]
+    else:
+        main_suite = matryoshka_suite(model, train_w, heldout_w, eval_w, args, args.budgets, "original")
+        trained, searched = main_suite.pop("trained"), main_suite.pop("searched")
+        report["matryoshka"] = main_suite
+        if 0.5 in searched:
+            report["cache"] = cache_check(model, searched[0.5], 64)
     if args.merged:
         merged, _ = load(args.merged, device)
         share = merged.config.num_key_value_heads / n_kv
-        combo = {"kv_share": share, "merged_ppl": ppl(merged, None, eval_w, args.batch)}
-        combo["merged_matryoshka"] = matryoshka_suite(merged, train_w, heldout_w, eval_w, args, (0.5,), "merged")
-        combo["merged_matryoshka"].pop("trained"), combo["merged_matryoshka"].pop("table")
-        for name, b in (("matryoshka_at_merge_share", share), ("matryoshka_at_combined_share", share * 0.5)):
-            searched = trained.with_rates(*greedy_rates(table, trained.shape[2], b))
-            combo[name] = {
+        combo: dict = {"kv_share": share}
+        if args.combination in ("all", "merged"):
+            combo["merged_ppl"] = ppl(merged, None, eval_w, args.batch)
+            combo["merged_matryoshka"] = matryoshka_suite(merged, train_w, heldout_w, eval_w, args, (0.5,), "merged")
+            combo["merged_matryoshka"].pop("trained"), combo["merged_matryoshka"].pop("searched")
+        step = max(1, trained.shape[2] // 8)
+        alone = (("matryoshka_at_merge_share", share), ("matryoshka_at_combined_share", share * 0.5))
+        for name, b in alone if args.combination in ("all", "alone") else ():
+            found, row = search(model, trained, heldout_w, b, step, args)
+            combo[name] = row | {
                 "budget": b,
-                "fraction": searched.fraction(),
-                "ppl": ppl(model, searched, eval_w, args.batch),
+                "fraction": found.projections.fraction(),
+                "ppl": ppl(model, found.projections, eval_w, args.batch),
             }
         report["combination"] = combo
     report["total_s"] = time.perf_counter() - t_start
+    report["total_cpu_s"] = time.process_time()
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(report, "python -m bench.matryoshka " + " ".join(sys.argv[1:])))
+    if not args.no_main and "cache" in report:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(report))
     print(json.dumps({k: v for k, v in report.items() if k != "matryoshka"}, indent=1)[:3000])
 
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from kvconvert.cli import _register, app
 from kvconvert.heal.data import text_windows
+from kvconvert.heal.objective import kl_divergence
 from kvconvert.matryoshka.moments import collect_kv_moments
 from kvconvert.matryoshka.projections import (
     Projections,
@@ -20,7 +21,14 @@ from kvconvert.matryoshka.projections import (
     pca_bases,
     save_projections,
 )
-from kvconvert.matryoshka.search import SensitivityTable, greedy_rates
+from kvconvert.matryoshka.search import (
+    candidate_swaps,
+    cut_cost,
+    mask_gradients,
+    refine_rates,
+    score,
+    teacher_logits,
+)
 from kvconvert.matryoshka.train import TrainConfig, train_projections
 from kvconvert.modeling import load_tokenizer
 from kvconvert.runtime.matryoshka import MatryoshkaRuntime, matryoshka_runtime
@@ -136,13 +144,70 @@ def test_training_changes_the_bases_and_keeps_them_orthogonal(tiny, text_a):
     assert all(torch.isfinite(torch.tensor(res.losses)))
 
 
-def test_greedy_rates_meet_the_budget_and_cut_the_cheapest_heads_first():
-    levels = torch.tensor([4, 8, 12])
-    scores = torch.ones(LAYERS, KV, 2, 3) * torch.tensor([3.0, 2.0, 1.0])  # lower rate -> higher loss
-    scores[0, 1, 1] = torch.tensor([0.03, 0.02, 0.01])  # values of layer 0 head 1 are nearly free to cut
-    k, v = greedy_rates(SensitivityTable(levels, scores), D, 0.75)
-    assert (k.sum() + v.sum()) / (2 * LAYERS * KV * D) <= 0.75
-    assert v[0, 1] == 4
+def test_candidate_swaps_pair_the_cheapest_giver_with_the_most_promising_taker():
+    rates = torch.full((LAYERS, KV, 2), 8)
+    rates[0, 0, 0] = 12  # topped up: can give back to 8 (costs[8]), cannot take (no costs[12])
+    costs = {4: torch.ones(LAYERS, KV, 2), 8: torch.ones(LAYERS, KV, 2)}  # cut 8 -> 4, cut 12 -> 8
+    costs[4][1, 1, 1] = 0.1  # cheap to cut from 8 to 4
+    costs[8][0, 1, 0] = 5.0  # growing 8 -> 12 promises most
+    frozen = torch.zeros(LAYERS, KV, 2, dtype=torch.bool)
+    best = candidate_swaps(rates, costs, 4, frozen, 4)
+    flat = lambda layer, h, k: (layer * KV + h) * 2 + k  # noqa: E731
+    assert best[0][1:] == (flat(1, 1, 1), flat(0, 1, 0)) and best[0][0] == pytest.approx(0.1 - 5.0)
+    assert all(est < 0 and g != t for est, g, t in best)
+    assert flat(0, 0, 0) not in {t for _, _, t in best}  # a unit one step above r0 never takes
+    frozen[0, 1, 0] = True
+    assert flat(0, 1, 0) not in {t for _, _, t in candidate_swaps(rates, costs, 4, frozen, 4)}
+
+
+def test_mask_gradients_match_finite_differences_and_cut_cost_is_a_trapezoid(tiny, text_a):
+    model = fresh(tiny).double()
+    windows = text_windows(load_tokenizer(str(tiny)), iter_texts(str(text_a)), 12, 3)
+    proj = random_projections(1).with_rates(MIXED_K, MIXED_V)
+    MatryoshkaRuntime(proj).attach(model)
+    ref = teacher_logits(model, windows)
+    g = mask_gradients(model, proj, windows, ref, chunk=2)
+    assert g.shape == (LAYERS, KV, 2, D)
+    direction = torch.randn(LAYERS, KV, 2, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dims = torch.arange(D)
+    hard = torch.stack([dims < MIXED_K[..., None], dims < MIXED_V[..., None]], dim=2).double()
+
+    def kl_at(masks):
+        for i, m in enumerate(model.model.layers):
+            m.self_attn.matryoshka.soft_masks = (masks[i, :, 0], masks[i, :, 1])
+        try:
+            with torch.no_grad():
+                return float(kl_divergence(model(windows, use_cache=False).logits, ref))
+        finally:
+            for m in model.model.layers:
+                m.self_attn.matryoshka.soft_masks = None
+
+    assert kl_at(hard) == pytest.approx(score(model, proj, windows, ref), rel=1e-9)
+    eps = 0.02  # some buffers stay float32: smaller steps drown in round-off
+    numeric = (kl_at(hard + eps * direction) - kl_at(hard - eps * direction)) / (2 * eps)
+    assert float((g * direction).sum()) == pytest.approx(numeric, rel=0.02)
+    assert float((g * direction.flip(-2)).sum()) != pytest.approx(numeric, rel=0.2)  # keys/values not swapped
+    assert torch.allclose(cut_cost(g, g, 4, 4), -g[..., 4:8].sum(-1))
+
+
+def test_refine_rates_keeps_the_budget_and_never_loses_to_its_uniform_start(tiny, text_a):
+    model = fresh(tiny)
+    windows = text_windows(load_tokenizer(str(tiny)), iter_texts(str(text_a)), 12, 4)
+    proj = random_projections(2)
+    found = refine_rates(model, proj, windows, 0.5, 4, evals=6)
+    assert found.projections.fraction() == 0.5
+    assert found.kl <= found.uniform_kl and found.tried <= 6
+    rates = torch.stack([found.projections.key_rates, found.projections.value_rates])
+    assert rates.min() >= 4 and rates.max() <= 12  # within one step of the uniform 8
+    assert len(found.moves) == int((rates != 8).sum()) // 2
+    ref = teacher_logits(model, windows)
+    assert score(model, found.projections, windows, ref) == pytest.approx(found.kl)
+    topped = refine_rates(model, proj, windows, 0.6, 4, evals=0)  # 0.6 * 16 = 9.6: uniform 8, topped up
+    assert 0.5 < topped.projections.fraction() <= 0.6 and topped.tried == 0
+    by_ce = refine_rates(model, proj, windows, 0.5, 4, evals=3, objective="ce")
+    assert by_ce.kl <= by_ce.uniform_kl and by_ce.uniform_kl > 1  # next-token CE of a random tiny model: ~log V
+    keys_kept = refine_rates(model, proj, windows, 0.75, 4, evals=2, values_only=True).projections
+    assert (keys_kept.key_rates == D).all() and keys_kept.fraction() == 0.75
 
 
 def test_projection_file_round_trip(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from kvconvert.config.base import INPUT, MERGE, OUTPUT, TRAINING, StageConfig, setting
 from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field, overwrite_field
@@ -16,7 +17,7 @@ class MatryoshkaConfig(StageConfig):
         ..., "Calibration text (repeatable): a local file or alias.", TRAINING, flag="dataset", metavar="SRC"
     )
     samples: int = setting(64, "Training/PCA windows.", TRAINING, ge=1, metavar="N")
-    heldout: int = setting(4, "Held-out windows that score the rate search.", TRAINING, ge=1, metavar="N")
+    heldout: int = setting(8, "Held-out windows that score the rate search.", TRAINING, ge=1, metavar="N")
     seq_len: int = setting(128, "Tokens per window.", TRAINING, ge=2, metavar="N")
     rate_step: int | None = setting(None, "Rates are multiples of this (default head_dim/8).", MERGE, ge=1)
     steps: int = setting(200, "Training steps (0: PCA only).", TRAINING, ge=0)
@@ -24,7 +25,13 @@ class MatryoshkaConfig(StageConfig):
     lr: float = setting(1e-3, "Adam learning rate of the Cayley parameters.", TRAINING, gt=0)
     kl_weight: float = setting(1.0, "Weight of KL(original ‖ cut).", TRAINING, ge=0)
     ce_weight: float = setting(0.0, "Weight of next-token cross-entropy.", TRAINING, ge=0)
-    search: bool = setting(True, "Search per-head rates (kept only if they beat one uniform rate).", MERGE)
+    search: bool = setting(True, "Search per-head rates: moves of dims between heads from the uniform cut.", MERGE)
+    search_evals: int = setting(
+        16, "Held-out forwards the rate search may spend on candidate moves (each kept only if it helps).", MERGE, ge=0
+    )
+    search_objective: Literal["kl", "ce"] = setting(
+        "ce", "What the rate search lowers on the held-out windows: next-token CE, or the KL to the original.", MERGE
+    )
     values_only: bool = setting(False, "Cut values only; keys keep every dim.", MERGE)
     fold_values: bool = setting(
         False, "With --values-only: write a stock checkpoint with the cut folded into v_proj.", OUTPUT

@@ -29,7 +29,7 @@ from kvconvert.matryoshka.projections import (
     save_projections,
     uniform_rate,
 )
-from kvconvert.matryoshka.search import greedy_rates, score, sensitivity_table, teacher_logits
+from kvconvert.matryoshka.search import refine_rates, score, teacher_logits
 from kvconvert.matryoshka.train import TrainConfig, train_projections
 from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
 from kvconvert.progress import Progress, Silent
@@ -112,16 +112,35 @@ def build_projections(
     info["heldout_kl"] = score(model, proj, heldout_w, reference)
     if req.search:
         t1 = time.perf_counter()
-        table = sensitivity_table(model, proj, heldout_w, step, progress, values_only=req.values_only)
-        searched = proj.with_rates(*greedy_rates(table, head_dim, req.budget))
-        searched_kl = score(model, searched, heldout_w, reference)
-        # the search assumes single-cut scores add up; a real forward checks it, and uniform rates win if better
-        info["search"] = {"uniform_kl": info["heldout_kl"], "searched_kl": searched_kl}
-        info["search"]["kept"] = "searched" if searched_kl <= info["heldout_kl"] else "uniform"
-        if searched_kl <= info["heldout_kl"]:
-            proj, info["heldout_kl"] = searched, searched_kl
+        found = refine_rates(
+            model,
+            proj,
+            heldout_w,
+            req.budget,
+            step,
+            req.search_evals,
+            values_only=req.values_only,
+            progress=progress,
+            objective=req.search_objective,
+        )
+        # moves are accepted only when a real forward on the held-out windows lowers the search objective
+        searched_kl = (
+            found.kl if req.search_objective == "kl" else score(model, found.projections, heldout_w, reference)
+        )
+        info["search"] = {
+            "objective": req.search_objective,
+            "uniform_kl": info["heldout_kl"],
+            "start": found.uniform_kl,
+            "searched": found.kl,
+            "searched_kl": searched_kl,
+            "tried": found.tried,
+            "moves": [list(map(list, m)) for m in found.moves],
+        }
+        keep = searched_kl <= info["heldout_kl"] if req.search_objective == "kl" else True
+        if keep:
+            proj, info["heldout_kl"] = found.projections, searched_kl
+        info["search"]["kept"] = "searched" if keep else "uniform"
         info["seconds"]["search"] = time.perf_counter() - t1
-    info["sensitivity_table"] = bool(req.search)
     return proj, info
 
 

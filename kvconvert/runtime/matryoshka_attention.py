@@ -59,6 +59,7 @@ class HeadProjections(nn.Module):
         self.key_skew: nn.Parameter | None = None
         self.value_skew: nn.Parameter | None = None
         self.enabled = True
+        self.soft_masks: tuple[torch.Tensor, torch.Tensor] | None = None  # (n_kv, D) float: the search's gradients
         self._groups: list[Group] | None = None
         self.set_rates(key_rates, value_rates)
 
@@ -94,6 +95,8 @@ class HeadProjections(nn.Module):
         return out
 
     def masks(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.soft_masks is not None:
+            return self.soft_masks
         dims = torch.arange(self.key_base.shape[-1], device=device)
         k = dims < torch.tensor(self.key_rates, device=device)[:, None]
         v = dims < torch.tensor(self.value_rates, device=device)[:, None]
