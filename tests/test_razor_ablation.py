@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from kvconvert.cli import _register, app
-from kvconvert.razor.ablation import copy_losses, greedy_select, window_mask
+from kvconvert.razor.ablation import copy_losses, drop_ranking, greedy_select, single_head_plans, window_mask
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
 from kvconvert.runtime.razor_cache import RazorLayer
 from kvconvert.runtime.razor_policy import RazorPolicy
@@ -68,6 +68,17 @@ def test_greedy_select_takes_eligible_heads_best_first(llama):
     assert history[1]["loss"] < history[0]["loss"]  # keeping the chosen heads in full lowers the copy loss
 
 
+def test_drop_ranking_orders_heads_by_the_loss_of_windowing_each_alone(llama):
+    ids, first = _ids(48, seed=2), 20
+    eligible = torch.tensor([[True, False, True, True], [True, True, True, False]])
+    order, scores = drop_ranking(llama, ids, first, eligible, RULE)
+    assert sorted(order) == sorted(map(tuple, torch.nonzero(eligible).tolist()))
+    cells, plans = single_head_plans(eligible, torch.zeros_like(eligible))
+    losses = dict(zip(cells, copy_losses(llama, ids, first, plans, RULE), strict=True))
+    assert [losses[c] for c in order] == sorted(losses.values(), reverse=True)
+    assert abs(scores["drop"][str(order[0])] - (losses[order[0]] - scores["full_loss"])) < 1e-6
+
+
 def test_profile_cli_ablation(tmp_path, tiny_llama):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_llama, ckpt)
@@ -79,5 +90,9 @@ def test_profile_cli_ablation(tmp_path, tiny_llama):
     assert profile["settings"]["scoring"] == "ablation" and len(profile["ranking"]) == 2
     assert sorted(map(tuple, profile["ranking"])) == [(i, h) for i, row in enumerate(profile["retrieval"]) for h in row]
     assert set(profile["held_out_copy_loss"]) == {"full", "selected", "windowed", "random"}
+    r = runner.invoke(app, [*args[:3], str(tmp_path / "p3.json"), *args[4:], "--scoring", "ablation-drop"])
+    assert r.exit_code == 0, r.output
+    drop = json.loads((tmp_path / "p3.json").read_text())
+    assert len(drop["ranking"]) == 2 and len(drop["drop"]) == 8 and "rounds" not in drop
     r = runner.invoke(app, ["profile", str(ckpt), "-o", str(tmp_path / "p2.json"), "--block", "24"])
     assert r.exit_code != 0 and "longer than the runtime's window" in str(r.exception)

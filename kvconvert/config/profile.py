@@ -9,7 +9,7 @@ from kvconvert.config.base import INPUT, OUTPUT, StageConfig, setting
 from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field, overwrite_field
 
 PROFILE, RUNTIME = "Profile", "Runtime"
-Scoring = Literal["ablation", "echo-induction"]
+Scoring = Literal["ablation", "ablation-drop", "echo-induction"]
 
 
 class ProfileConfig(StageConfig):
@@ -17,7 +17,8 @@ class ProfileConfig(StageConfig):
 
     scoring: Scoring = setting(
         "ablation",
-        "ablation: greedy, by the copy loss of windowing heads; echo-induction: attention scores.",
+        "ablation: greedy, by the copy loss of windowing heads; ablation-drop: by the loss of windowing one "
+        "head alone; echo-induction: attention scores.",
         PROFILE,
     )
     block: int = setting(384, "Random tokens per block (the block is repeated).", PROFILE, ge=16, metavar="N")
@@ -37,7 +38,7 @@ class ProfileConfig(StageConfig):
     dtype: Dtype = dtype_field(PROFILE)
 
     def seed_count(self) -> int:
-        return self.seeds or (1 if self.scoring == "ablation" else 3)
+        return self.seeds or (3 if self.scoring == "echo-induction" else 1)
 
     def runtime_rule(self) -> dict:
         """The window rule stored with the profile for the runtime."""

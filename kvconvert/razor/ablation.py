@@ -7,10 +7,11 @@ back beyond the window. The *copy loss* is the mean next-token cross-entropy ove
 token is left out). Scores per (layer, KV head), larger = more needed in full:
 
 * `drop`: copy loss with only that head windowed (every other head full) minus the full model's copy loss;
-* `add`: copy loss with every head windowed minus the loss with only that head full.
+* `add` (the gain `greedy_select` uses): copy loss with every head windowed but the heads chosen so far, minus
+  the loss with that head kept in full as well.
 
-`greedy_select` builds the retrieval set in rounds: each round scores the `add` gain of every remaining head
-with the heads chosen so far full and every other head windowed, and adds the best ones.
+`greedy_select` builds the retrieval set in rounds: each round scores the `add` gain of the remaining heads and
+adds the best ones; `drop_ranking` ranks heads by `drop` alone (one pass per head).
 """
 
 from __future__ import annotations
@@ -91,20 +92,17 @@ def single_head_plans(eligible: torch.Tensor, base: torch.Tensor) -> tuple[list[
     return cells, plans
 
 
-def ablation_scores(model, ids: torch.Tensor, first: int, eligible: torch.Tensor, rule: dict) -> dict:
-    """`drop` and `add` scores (layer, KV head) plus the full and all-windowed copy losses."""
-    full, windowed = torch.zeros_like(eligible), eligible.clone()
-    base = copy_losses(model, ids, first, [full, windowed], rule)
-    scores = {}
-    for name, plan, sign in (("drop", full, 1.0), ("add", windowed, -1.0)):
-        cells, plans = single_head_plans(eligible, plan)
-        losses = copy_losses(model, ids, first, plans, rule)
-        reference = base[0] if name == "drop" else base[1]
-        score = torch.full(eligible.shape, float("-inf"))
-        for (layer, head), loss in zip(cells, losses, strict=True):
-            score[layer, head] = sign * (loss - reference) if name == "drop" else reference - loss
-        scores[name] = score
-    return {"full_loss": base[0], "windowed_loss": base[1], **scores}
+def drop_ranking(
+    model, ids: torch.Tensor, first: int, eligible: torch.Tensor, rule: dict
+) -> tuple[list[tuple[int, int]], dict]:
+    """Eligible heads by `drop` score, largest first, and the scores: the copy loss with only that head windowed
+    (every other head full) minus the full model's copy loss."""
+    full = torch.zeros_like(eligible)
+    reference = copy_losses(model, ids, first, [full], rule)[0]
+    cells, plans = single_head_plans(eligible, full)
+    drop = dict(zip(cells, (x - reference for x in copy_losses(model, ids, first, plans, rule)), strict=True))
+    order = sorted(cells, key=drop.get, reverse=True)
+    return order, {"full_loss": reference, "drop": {str(c): d for c, d in drop.items()}}
 
 
 def greedy_select(
@@ -170,16 +168,23 @@ def profile_ablation(
     fraction: float,
     rounds: int,
     pool: int,
+    greedy: bool = True,
     prefix: int = 8,
 ) -> dict:
-    """Greedy ablation profile: the ranked heads, the retrieval heads (top `fraction` of the eligible ones), the
-    gains of each round, and copy losses on a held-out seed (full, selected, all windowed, random heads)."""
+    """Ablation profile: the ranked heads (greedy `add` rounds, or single-head `drop` scores), the retrieval
+    heads (top `fraction` of the eligible ones), the scores, and copy losses on a held-out seed (full, selected,
+    all windowed, random heads)."""
     config = model.config.get_text_config()
     device = next(model.parameters()).device
     ids = copy_sequences(config.vocab_size, block, repeats, prefix, list(range(seeds))).to(device)
     first = prefix + block
     count = math.ceil(fraction * int(eligible.sum()))
-    order, history = greedy_select(model, ids, first, eligible, rule, count, rounds, pool)
+    if greedy:
+        order, history = greedy_select(model, ids, first, eligible, rule, count, rounds, pool)
+        scores: dict = {"rounds": history}
+    else:
+        order, scores = drop_ranking(model, ids, first, eligible, rule)
+        order = order[:count]
     chosen = torch.zeros_like(eligible)
     for cell in order:
         chosen[cell] = True
@@ -194,6 +199,6 @@ def profile_ablation(
     return {
         "ranking": [list(c) for c in order],
         "retrieval": [torch.nonzero(row).flatten().tolist() for row in chosen],
-        "rounds": history,
+        **scores,
         "held_out_copy_loss": dict(zip(("full", "selected", "windowed", "random"), losses, strict=True)),
     }

@@ -36,7 +36,7 @@ def _ablation(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tuple[di
     if req.block <= window(rule["window_floor"], rule["window_fraction"], req.block * req.repeats + 8):
         raise KVConvertError("ablation scoring needs --block longer than the runtime's window (--window-floor)")
     kw = dict(block=req.block, repeats=req.repeats, seeds=req.seed_count(), fraction=req.retrieval)
-    kw |= dict(rounds=req.rounds, pool=req.pool)
+    kw |= dict(rounds=req.rounds, pool=req.pool, greedy=req.scoring == "ablation")
     settings = {"scoring": req.scoring, **kw, "seeds": list(range(req.seed_count())), "prefix": 8}
     return settings, profile_ablation(model, eligible, rule, **kw)
 
@@ -54,7 +54,7 @@ def run_profile(req: ProfileRunRequest) -> dict:
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     eligible = eligible_heads(config, n_kv)
     t0 = time.perf_counter()
-    if req.scoring == "ablation":
+    if req.scoring != "echo-induction":
         settings, scores = _ablation(model, req, eligible)
     else:
         settings, scores = _echo_induction(model, req, eligible)
