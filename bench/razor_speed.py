@@ -6,7 +6,8 @@ Each (method, context) runs in its own process, so its peak resident memory (`ru
 prompt (held-out pydoc text, repeated if short) is read in chunks of 512 through the cache keeping only the last
 position's logits, then `--decode-tokens` tokens are decoded greedily. Speed is CPU time per decoded token
 (`time.process_time`, robust to other jobs on the cores); memory is the peak RSS after the prompt and decode
-minus the RSS after loading the model, and the bytes the cache's tensors hold.
+(VmHWM, reset after loading the model and the text) minus the RSS at that point, and the bytes the cache's
+tensors hold.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from pathlib import Path
 import torch
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    """Reset the peak RSS (VmHWM) to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def cache_bytes(cache) -> int:
@@ -60,7 +70,8 @@ def measure(model_name: str, method: str, profile: str, context: int, decode: in
         rt = runtime_from_policy(model, policy_for(model, p["retrieval"], **p.get("runtime", {})))
         rt.attach(model)
         cache = rt.new_cache()
-    base = _rss_mib()
+    _reset_peak()  # loading the model (GGUF dequantisation) peaks higher than anything after it
+    base = _status_mib("VmRSS")
     t0 = time.process_time()
     for i in range(0, context, chunk):
         logits = model(input_ids=ids[:, i : i + chunk], past_key_values=cache, logits_to_keep=1).logits
@@ -76,7 +87,7 @@ def measure(model_name: str, method: str, profile: str, context: int, decode: in
         "decode_cpu_ms_per_token": 1000 * decode_cpu / decode,
         "decode_tokens_per_cpu_s": decode / decode_cpu,
         "cache_mib": cache_bytes(cache) / 2**20,
-        "peak_rss_over_model_mib": _rss_mib() - base,
+        "peak_rss_over_model_mib": _status_mib("VmHWM") - base,
     }
 
 
