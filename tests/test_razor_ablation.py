@@ -84,13 +84,13 @@ def test_profile_cli_ablation(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, ckpt)
     out = tmp_path / "profile.json"
     args = ["profile", str(ckpt), "-o", str(out), "--block", "24", "--window-floor", "8", "--retrieval", "0.25"]
-    r = runner.invoke(app, args)
+    r = runner.invoke(app, [*args, "--scoring", "ablation"])
     assert r.exit_code == 0, r.output
     profile = json.loads(out.read_text())
     assert profile["settings"]["scoring"] == "ablation" and len(profile["ranking"]) == 2
     assert sorted(map(tuple, profile["ranking"])) == [(i, h) for i, row in enumerate(profile["retrieval"]) for h in row]
     assert set(profile["held_out_copy_loss"]) == {"full", "selected", "windowed", "random"}
-    r = runner.invoke(app, [*args[:3], str(tmp_path / "p3.json"), *args[4:], "--scoring", "ablation-drop"])
+    r = runner.invoke(app, [*args[:3], str(tmp_path / "p3.json"), *args[4:]])  # the default scoring
     assert r.exit_code == 0, r.output
     drop = json.loads((tmp_path / "p3.json").read_text())
     assert len(drop["ranking"]) == 2 and len(drop["drop"]) == 8 and "rounds" not in drop

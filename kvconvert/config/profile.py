@@ -16,7 +16,7 @@ class ProfileConfig(StageConfig):
     """Data-free retrieval-head profiling on repeated random tokens and the runtime's window rule."""
 
     scoring: Scoring = setting(
-        "ablation",
+        "ablation-drop",
         "ablation: greedy, by the copy loss of windowing heads; ablation-drop: by the loss of windowing one "
         "head alone; echo-induction: attention scores.",
         PROFILE,
@@ -26,14 +26,14 @@ class ProfileConfig(StageConfig):
     seeds: int | None = setting(
         None, "Random sequences (default: 1 for ablation, 3 for echo-induction).", PROFILE, ge=1, metavar="N"
     )
-    retrieval: float = setting(0.15, "Ablation: fraction of KV heads kept in full.", PROFILE, ge=0, le=1)
+    retrieval: float = setting(0.21, "Ablation: fraction of KV heads kept in full.", PROFILE, ge=0, le=1)
     rounds: int = setting(2, "Ablation: greedy rounds.", PROFILE, ge=1, metavar="N")
     pool: int = setting(30, "Ablation: heads re-scored in each later round (0: all).", PROFILE, ge=0, metavar="N")
     induction: float = setting(0.14, "echo-induction: fraction of KV heads by induction.", PROFILE, ge=0, le=1)
     echo: float = setting(0.01, "echo-induction: fraction of KV heads by echo.", PROFILE, ge=0, le=1)
     sinks: int = setting(4, "First tokens every windowed head keeps.", RUNTIME, ge=0, metavar="N")
     window_floor: int = setting(256, "Smallest recent window of a windowed head.", RUNTIME, ge=1, metavar="N")
-    window_fraction: float = setting(0.2, "Recent window as a fraction of the context.", RUNTIME, ge=0, le=1)
+    window_fraction: float = setting(0.15, "Recent window as a fraction of the context.", RUNTIME, ge=0, le=1)
     device: str = device_field(PROFILE)
     dtype: Dtype = dtype_field(PROFILE)
 
