@@ -50,7 +50,8 @@ def run(args) -> dict:
     model, tok = load_model(ckpt, torch.device("cpu"), torch.float32), load_tokenizer(ckpt)
     profile = load_profile(args.profile)
     rule = {"sinks": args.sinks, "window_floor": args.window_floor, "window_fraction": args.window_fraction}
-    runtimes = methods(model, profile["retrieval"], rule, args.full_layers)
+    retrieval = top(profile, args.top) if args.top else profile["retrieval"]
+    runtimes = methods(model, retrieval, rule, args.full_layers)
     if args.methods:
         runtimes = {k: v for k, v in runtimes.items() if k in args.methods}
     next(iter(runtimes.values())).attach(model)
@@ -108,7 +109,18 @@ def run(args) -> dict:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    return {"model": args.model, "profile": args.profile, "rule": rule, "chunk": args.chunk, "rows": rows}
+    res = {"model": args.model, "profile": args.profile, "rule": rule, "chunk": args.chunk, "rows": rows}
+    return res | {"retrieval_heads": sum(map(len, retrieval))}
+
+
+def top(profile: dict, n: int) -> list[list[int]]:
+    """The first `n` heads of an ablation profile's ranking, as per-layer retrieval lists."""
+    if len(profile.get("ranking", ())) < n:
+        raise SystemExit(f"--top {n}: the profile ranks only {len(profile.get('ranking', ()))} heads")
+    retrieval = [[] for _ in profile["retrieval"]]
+    for layer, head in profile["ranking"][:n]:
+        retrieval[layer].append(head)
+    return [sorted(r) for r in retrieval]
 
 
 def _span(text: str) -> list[int]:
@@ -132,6 +144,7 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--ppl-skip", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--top", type=int, default=0, help="Retrieval heads: the first N of the profile's ranking.")
     ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=[])
     ap.add_argument(
@@ -150,7 +163,8 @@ def render(results: list[dict]) -> str:
     out = []
     for res in results:
         rows, rule = res["rows"], res["rule"]
-        out.append(f"### {res['model']} (profile `{Path(res['profile']).name}`, chunk {res['chunk']}, {rule})\n")
+        heads = f", {res['retrieval_heads']} retrieval heads" if "retrieval_heads" in res else ""
+        out.append(f"### {res['model']} (profile `{Path(res['profile']).name}`{heads}, chunk {res['chunk']}, {rule})\n")
         pk = [r for r in rows if r["task"] == "passkey"]
         if pk:
             names = list(dict.fromkeys(r["method"] for r in pk))

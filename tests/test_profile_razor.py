@@ -57,6 +57,7 @@ def test_profile_cli_attach_keeps_stock_loading(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, ckpt)
     out = tmp_path / "profile.json"
     args = ["profile", str(ckpt), "-o", str(out), "--block", "32", "--seeds", "2", "--induction", "0.25", "--attach"]
+    args += ["--scoring", "echo-induction"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     profile = json.loads(out.read_text())
@@ -128,7 +129,19 @@ def test_profile_never_replaces_a_file_it_was_not_told_to(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, ckpt)
     out = tmp_path / "profile.json"
     out.write_text("mine\n")
-    base = [sys.executable, "-m", "kvconvert", "profile", str(ckpt), "--block", "32", "--seeds", "1"]
+    base = [
+        sys.executable,
+        "-m",
+        "kvconvert",
+        "profile",
+        str(ckpt),
+        "--block",
+        "32",
+        "--seeds",
+        "1",
+        "--scoring",
+        "echo-induction",
+    ]
     r = subprocess.run([*base, "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
     assert out.read_text() == "mine\n"

@@ -3,26 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from kvconvert.config.base import INPUT, OUTPUT, StageConfig, setting
 from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field, overwrite_field
 
 PROFILE, RUNTIME = "Profile", "Runtime"
+Scoring = Literal["ablation", "ablation-drop", "echo-induction"]
 
 
 class ProfileConfig(StageConfig):
-    """Data-free retrieval-head profiling (echo/induction on repeated random tokens) and the runtime's window rule."""
+    """Data-free retrieval-head profiling on repeated random tokens and the runtime's window rule."""
 
-    block: int = setting(512, "Random tokens per block (the block is repeated).", PROFILE, ge=16, metavar="N")
-    repeats: int = setting(4, "Copies of the block.", PROFILE, ge=2, metavar="N")
-    seeds: int = setting(3, "Random sequences averaged (selection stability over them).", PROFILE, ge=1, metavar="N")
-    induction: float = setting(0.14, "Fraction of KV heads chosen by induction score.", PROFILE, ge=0, le=1)
-    echo: float = setting(0.01, "Fraction of KV heads chosen by echo score.", PROFILE, ge=0, le=1)
+    scoring: Scoring = setting(
+        "ablation-drop",
+        "ablation: greedy, by the copy loss of windowing heads; ablation-drop: by the loss of windowing one "
+        "head alone; echo-induction: attention scores.",
+        PROFILE,
+    )
+    block: int = setting(384, "Random tokens per block (the block is repeated).", PROFILE, ge=16, metavar="N")
+    repeats: int = setting(2, "Copies of the block.", PROFILE, ge=2, metavar="N")
+    seeds: int | None = setting(
+        None, "Random sequences (default: 1 for ablation, 3 for echo-induction).", PROFILE, ge=1, metavar="N"
+    )
+    retrieval: float = setting(0.21, "Ablation: fraction of KV heads kept in full.", PROFILE, ge=0, le=1)
+    rounds: int = setting(2, "Ablation: greedy rounds.", PROFILE, ge=1, metavar="N")
+    pool: int = setting(30, "Ablation: heads re-scored in each later round (0: all).", PROFILE, ge=0, metavar="N")
+    induction: float = setting(0.14, "echo-induction: fraction of KV heads by induction.", PROFILE, ge=0, le=1)
+    echo: float = setting(0.01, "echo-induction: fraction of KV heads by echo.", PROFILE, ge=0, le=1)
     sinks: int = setting(4, "First tokens every windowed head keeps.", RUNTIME, ge=0, metavar="N")
     window_floor: int = setting(256, "Smallest recent window of a windowed head.", RUNTIME, ge=1, metavar="N")
-    window_fraction: float = setting(0.1, "Recent window as a fraction of the context.", RUNTIME, ge=0, le=1)
+    window_fraction: float = setting(0.15, "Recent window as a fraction of the context.", RUNTIME, ge=0, le=1)
     device: str = device_field(PROFILE)
     dtype: Dtype = dtype_field(PROFILE)
+
+    def seed_count(self) -> int:
+        return self.seeds or (3 if self.scoring == "echo-induction" else 1)
 
     def runtime_rule(self) -> dict:
         """The window rule stored with the profile for the runtime."""

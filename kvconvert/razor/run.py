@@ -8,14 +8,37 @@ from pathlib import Path
 import torch
 
 from kvconvert.config.profile import ProfileRunRequest
+from kvconvert.errors import KVConvertError
+from kvconvert.razor.ablation import profile_ablation
 from kvconvert.razor.profile import ProfileSettings, profile_model
 from kvconvert.razor.store import SCHEMA, attach_profile, save_profile
+from kvconvert.runtime.razor_policy import window
 
 
 def eligible_heads(config, n_kv: int) -> torch.Tensor:
     """(layer, KV head) that may be retrieval heads: not in sliding-window layers."""
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     return torch.tensor([[t != "sliding_attention"] * n_kv for t in types], dtype=torch.bool)
+
+
+def _echo_induction(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tuple[dict, dict]:
+    seeds = tuple(range(req.seed_count()))
+    s = ProfileSettings(
+        block=req.block, repeats=req.repeats, seeds=seeds, induction_fraction=req.induction, echo_fraction=req.echo
+    )
+    settings = {"scoring": req.scoring, "block": req.block, "repeats": req.repeats, "prefix": s.prefix}
+    settings |= {"queries": s.queries, "seeds": list(seeds), "induction_fraction": req.induction}
+    return settings | {"echo_fraction": req.echo}, profile_model(model, s, eligible)
+
+
+def _ablation(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tuple[dict, dict]:
+    rule = req.runtime_rule()
+    if req.block <= window(rule["window_floor"], rule["window_fraction"], req.block * req.repeats + 8):
+        raise KVConvertError("ablation scoring needs --block longer than the runtime's window (--window-floor)")
+    kw = dict(block=req.block, repeats=req.repeats, seeds=req.seed_count(), fraction=req.retrieval)
+    kw |= dict(rounds=req.rounds, pool=req.pool, greedy=req.scoring == "ablation")
+    settings = {"scoring": req.scoring, **kw, "seeds": list(range(req.seed_count())), "prefix": 8}
+    return settings, profile_ablation(model, eligible, rule, **kw)
 
 
 def run_profile(req: ProfileRunRequest) -> dict:
@@ -29,28 +52,19 @@ def run_profile(req: ProfileRunRequest) -> dict:
     model = load_model(ckpt, dev, resolve_dtype(req.dtype, dev))
     config = model.config.get_text_config()
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    seeds = tuple(range(req.seeds))
-    settings = ProfileSettings(
-        block=req.block, repeats=req.repeats, seeds=seeds, induction_fraction=req.induction, echo_fraction=req.echo
-    )
+    eligible = eligible_heads(config, n_kv)
     t0 = time.perf_counter()
-    scores = profile_model(model, settings, eligible_heads(config, n_kv))
+    if req.scoring != "echo-induction":
+        settings, scores = _ablation(model, req, eligible)
+    else:
+        settings, scores = _echo_induction(model, req, eligible)
     profile = {
         "schema": SCHEMA,
         "model": req.model,
         "num_layers": config.num_hidden_layers,
         "num_kv_heads": n_kv,
         "num_attention_heads": config.num_attention_heads,
-        "settings": {
-            "block": req.block,
-            "repeats": req.repeats,
-            "prefix": settings.prefix,
-            "queries": settings.queries,
-            "seeds": list(seeds),
-            "induction_fraction": req.induction,
-            "echo_fraction": req.echo,
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
+        "settings": settings | {"seconds": round(time.perf_counter() - t0, 1)},
         "runtime": req.runtime_rule(),
         **scores,
     }
