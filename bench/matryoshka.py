@@ -167,6 +167,8 @@ def render(r: dict) -> str:
     """The results page (markdown) from a report."""
     m, o = r["matryoshka"], r["original_ppl"]
     t = m["train"]
+    objective = {"kl": "KL to the original", "ce": "next-token CE"}.get(r.get("search_objective", "kl"))
+    short = "CE" if r.get("search_objective") == "ce" else "KL"
     lines = [
         "# MatryoshkaKV results",
         "",
@@ -181,10 +183,10 @@ def render(r: dict) -> str:
         + (f", {t['cpu_seconds']:.0f} s process CPU ({t['threads']} thread)" if "cpu_seconds" in t else "")
         + f" (lr {t['lr']}, loss {t['loss_first10']:.4f} -> {t['loss_last10']:.4f}, "
         f"max |PtP - I| {t['orthogonality_error']:.1e}); rate search on {r['heldout_windows']} held-out calibration "
-        f"windows (moves from the uniform cut, each kept only if a real forward lowers the KL there).",
+        f"windows (moves from the uniform cut, each kept only if a real forward lowers the {objective} there).",
         "",
         "| KV cache budget | PCA, uniform | trained, uniform | trained + searched | searched share kept "
-        "| search: moves kept / tried, KL start -> end, CPU s |",
+        f"| search: moves kept / tried, {short} start -> end, CPU s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for b, row in m["budgets"].items():
@@ -290,6 +292,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "train_windows": len(train_w),
         "heldout_windows": len(heldout_w),
+        "search_objective": args.search_objective,
         "eval_windows": len(eval_w),
         "eval_tokens": int(eval_w.numel()),
         "original_ppl": ppl(model, None, eval_w, args.batch) if not args.train_only else None,
