@@ -29,6 +29,6 @@ def test_a_short_heal_of_smollm2_lowers_held_out_perplexity(tmp_path):
     req = HealRequest(str(merged), "smollm2", tmp_path / "healed", datasets=[str(pydoc_a)], steps=4, seq_len=256)
     req.batch_size, req.lr, req.device = 2, 3e-4, "cpu"
     result = run_heal(req)
-    assert result.verify.ok and result.record["heal"]["tokens"] == 2048
+    assert result.verify.ok and result.record.heal.tokens == 2048
     after = perplexity(load_model(resolve(str(tmp_path / "healed")), CPU, torch.float32), held_out, 4)
     assert after < 0.75 * before, (before, after)
