@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from kvconvert.runtime.razor_policy import window
+
 ABLATE = "kvconvert_ablation_probe"
 
 
@@ -38,9 +40,10 @@ class WindowPlan:
 
 
 def window_mask(length: int, sinks: int, floor: int, fraction: float) -> torch.Tensor:
-    """(T, T) bool: a query sees the first `sinks` tokens and its last max(floor, fraction·(pos+1)) tokens."""
+    """(T, T) bool: a query sees the first `sinks` tokens and its last `window(floor, fraction, pos + 1)` tokens
+    (the runtime's own window rule)."""
     pos = torch.arange(length)
-    width = ((pos + 1).double() * fraction).floor().long().clamp(min=floor)
+    width = torch.tensor([window(floor, fraction, p + 1) for p in range(length)])
     key, query = pos[None, :], pos[:, None]
     return (key <= query) & ((key < sinks) | (key > query - width[:, None]))
 
