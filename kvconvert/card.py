@@ -37,11 +37,17 @@ def update_record(directory: Path, **sections) -> Updated:
     old = load_record(directory)
     record = old.with_sections(**sections)
     write_text(directory / RECORD, dump_record(record))
-    card_path = directory / CARD
-    ours = record.is_conversion and (not card_path.exists() or card_path.read_text() == model_card(old))
+    ours = card_is_ours(directory, old)
     if ours:
-        write_text(card_path, model_card(record))
+        write_text(directory / CARD, model_card(record))
     return Updated(record, ours)
+
+
+def card_is_ours(directory: Path, record: Record) -> bool:
+    """Whether kvconvert may (re)write DIR/README.md: a conversion's record, and the card is absent or still
+    kvconvert's rendering of `record` (not edited by hand)."""
+    path = directory / CARD
+    return record.is_conversion and (not path.exists() or path.read_text() == model_card(record))
 
 
 def add_section(directory: Path, **sections) -> Updated:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvconvert.card import CARD, model_card, update_record
+from kvconvert.card import CARD, card_is_ours, model_card, update_record
 from kvconvert.config import PushRequest
 from kvconvert.errors import KVConvertError
 from kvconvert.record import RECORD, dump_record, load_record
@@ -102,7 +102,7 @@ def upload_plan(req: PushRequest) -> list[UploadFile]:
         old = load_record(root)
         record = old.with_sections(hub={"repo_id": req.repo_id})
         sizes[RECORD] = len(dump_record(record).encode())
-        if CARD in sizes and record.is_conversion and (root / CARD).read_text() == model_card(old):
+        if CARD in sizes and card_is_ours(root, old):
             sizes[CARD] = len(model_card(record).encode())
     return [UploadFile(path, size) for path, size in sizes.items()]
 
