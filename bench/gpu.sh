@@ -4,7 +4,7 @@
 #   bench/gpu.sh            # on one H100/H200 (about 8 minutes); wheels from .whl/ if present (bench/gpu_wheels.sh)
 #   bench/gpu.sh --smoke    # tiny sizes on whatever device there is (CPU: a few minutes)
 #
-# Env: KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf; default: the built-in `smollm2` alias), PYTHON (default
+# Env: KVC_GPU_PARTS (default: runtime scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf; default: the built-in `smollm2` alias), PYTHON (default
 # python3), KVC_GPU_BUDGET (seconds for the whole run, default 480), OUT (also copy the results there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -33,6 +33,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || echo "wheel install failed (going on with what is installed)"
   export PYTHONPATH=/tmp/site:$PWD
+elif [ -d /tmp/site ]; then  # installed by an earlier call on the same (warm) machine
+  export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -57,8 +59,10 @@ print("python", sys.version.split()[0], "| SmolLM2:", os.environ["KVC_SMOLLM2_GG
 print(" ".join(f"{n}={version(n)}" for n in names.split()))
 PYEOF
 # Convert the SmolLM2 GGUF once (cached under ~/.cache/kvconvert) before anything is timed.
-timeout 120 $PY -c "from kvconvert.checkpoint import resolve; import os; print('SmolLM2 at', resolve(os.environ['KVC_SMOLLM2_GGUF']).path)" \
-  2>&1 | tail -3 || echo "SmolLM2 conversion failed"
+if [ "${KVC_GPU_PARTS:-all}" != runtime ]; then  # the runtime part alone uses random weights
+  timeout 120 $PY -c "from kvconvert.checkpoint import resolve; import os; print('SmolLM2 at', resolve(os.environ['KVC_SMOLLM2_GGUF']).path)" \
+    2>&1 | tail -3 || echo "SmolLM2 conversion failed"
+fi
 
 # part NAME SHARE: run bench.gpu_NAME with at most SHARE seconds (never past the deadline); a failure is recorded
 # and the next part runs.
@@ -72,11 +76,17 @@ part() {
   echo "== $name: rc $rc after $(( $(date +%s) - now )) s" | tee -a "$LOGS/parts.txt"
 }
 
-if [ "$SMOKE" = 1 ]; then
-  part runtime 120; part scale 240; part devices 240; part heal 9999
-else
-  part runtime 70; part scale 150; part devices 110; part heal 9999
-fi
+# KVC_GPU_PARTS picks parts (e.g. "runtime" in one call and "scale devices heal" in the next on the same machine,
+# with KVC_GPU_RAW and KVC_GPU_WORK under /tmp, which a warm machine keeps between calls).
+PARTS=${KVC_GPU_PARTS:-runtime scale devices heal}
+for name in $PARTS; do
+  case "$SMOKE:$name" in
+    1:runtime) part runtime 120 ;; 1:scale) part scale 240 ;; 1:devices) part devices 240 ;; 1:heal) part heal 9999 ;;
+    0:runtime) part runtime 70 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-150}" ;;
+    0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-110}" ;; 0:heal) part heal 9999 ;;
+    *) echo "unknown part $name" ;;
+  esac
+done
 $PY -m bench.gpu_report || echo "report failed"
 echo "total $(( $(date +%s) - START )) s"
 if [ -n "${OUT:-}" ]; then

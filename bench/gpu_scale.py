@@ -164,7 +164,17 @@ def main() -> None:
     text = stdlib_text(WORK / "text" / "stdlib-1.5mb.txt", 1_500_000)  # ~450k tokens; pydoc alone is ~110k
     stats, out = work / "stats.safetensors", work / "converted"
     cal = [*KVCONVERT, "calibrate", str(ckpt), "--dataset", str(text), "--samples", str(s["samples"])]
-    cal += ["--seq-len", str(s["seq"]), "--batch-size", str(s["batch"]), "--device", "auto", "--output", str(stats)]
+    cal += [
+        "--seq-len",
+        str(s["seq"]),
+        "--batch-size",
+        str(s["batch"]),
+        "--device",
+        "auto",
+        "--overwrite",
+        "--output",
+        str(stats),
+    ]
     r = run(cal, work / "calibrate.log", left(300) - 5)
     del r["log"]
     result["calibrate"] = r
