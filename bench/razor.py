@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kvconvert.evaluation.longcontext import greedy, nll, passkey_prompt, ppl, prefill, random_key
+from kvconvert.razor.tiers import parse_tiers, tiered_heads
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
 
 
@@ -51,11 +52,16 @@ def run(args) -> dict:
     profile = load_profile(args.profile)
     rule = {"sinks": args.sinks, "window_floor": args.window_floor, "window_fraction": args.window_fraction}
     retrieval = top(profile, args.top) if args.top else profile["retrieval"]
+    if args.tiers:  # the next heads of the ranking get wider windows (per-head window fractions)
+        n_kv, layers = model.config.num_key_value_heads, len(profile["retrieval"])
+        full = args.top or sum(map(len, profile["retrieval"]))
+        retrieval, fractions = tiered_heads(profile["ranking"], full, args.tiers, args.window_fraction, layers, n_kv)
+        rule["head_fraction"] = fractions
     runtimes = methods(model, retrieval, rule, args.full_layers)
     if args.methods:
         runtimes = {k: v for k, v in runtimes.items() if k in args.methods}
     next(iter(runtimes.values())).attach(model)
-    rng = random.Random(0)
+    rng = random.Random(args.seed)
     rows = []
     for ctx in args.contexts:
         for depth in args.depths:
@@ -110,6 +116,7 @@ def run(args) -> dict:
             )
             print(json.dumps(rows[-1]), flush=True)
     res = {"model": args.model, "profile": args.profile, "rule": rule, "chunk": args.chunk, "rows": rows}
+    res |= {"tiers": args.tiers, "passkey_seed": args.seed}
     return res | {"retrieval_heads": sum(map(len, retrieval))}
 
 
@@ -145,6 +152,13 @@ def main() -> None:
     ap.add_argument("--ppl-skip", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--top", type=int, default=0, help="Retrieval heads: the first N of the profile's ranking.")
+    ap.add_argument(
+        "--tiers",
+        type=parse_tiers,
+        default=[],
+        help="COUNT:FRACTION,...: the next heads of the ranking after --top get these window fractions.",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="Passkey keys' random seed (0: the benchmark's keys).")
     ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=[])
     ap.add_argument(
@@ -162,7 +176,9 @@ def render(results: list[dict]) -> str:
     """Markdown tables of one or more `--json` outputs."""
     out = []
     for res in results:
-        rows, rule = res["rows"], res["rule"]
+        rows, rule = res["rows"], {k: v for k, v in res["rule"].items() if k != "head_fraction"}
+        if res.get("tiers"):
+            rule["tiers"] = ",".join(f"{n}:{f}" for n, f in res["tiers"])
         heads = f", {res['retrieval_heads']} retrieval heads" if "retrieval_heads" in res else ""
         out.append(f"### {res['model']} (profile `{Path(res['profile']).name}`{heads}, chunk {res['chunk']}, {rule})\n")
         pk = [r for r in rows if r["task"] == "passkey"]

@@ -108,13 +108,14 @@ def test_compensation_token_is_the_mean_of_dropped_tokens(chunk):
     keys, values = torch.randn(2, 3, 23, 8, generator=gen), torch.randn(2, 3, 23, 8, generator=gen)
     for i in range(0, 23, chunk):
         layer.update(keys[..., i : i + chunk, :], values[..., i : i + chunk, :])
-    for held, full in ((layer.win_k, keys[:, 1:]), (layer.win_v, values[:, 1:])):
+    (group,) = layer.groups
+    for held, full in ((group.k, keys[:, 1:]), (group.v, values[:, 1:])):
         assert held.shape[-2] == 2 + 1 + 5
         assert torch.equal(held[..., :2, :], full[..., :2, :])  # sinks
         assert torch.allclose(held[..., 2, :], full[..., 2:18, :].mean(-2), atol=1e-6)  # the 16 dropped
         assert torch.equal(held[..., 3:, :], full[..., 18:, :])  # the last 5
     assert torch.equal(layer.full_k, keys[:, :1]) and torch.equal(layer.full_v, values[:, :1])
-    assert layer.dropped == 16
+    assert group.dropped == 16
 
 
 def test_batch_rows_are_independent(llama):
@@ -159,3 +160,50 @@ def test_policy_arithmetic():
 def test_runtime_for_unknown_kind(llama):
     with pytest.raises(KVConvertError, match="unknown cache runtime"):
         runtime_for("nope", llama)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 30])
+def test_each_head_keeps_its_own_window(chunk):
+    """With `head_fraction`, every windowed head holds what a one-head layer with that window fraction holds."""
+    fractions = (0.5, 0.0, 0.5, 0.25)  # head 3 is a retrieval head: its fraction is unused
+    policy = RazorPolicy(((3,),), num_kv_heads=4, head_dim=8, sinks=2, window_floor=4, head_fraction=(fractions,))
+    layer = RazorLayer(policy, 0, num_query_heads=8)
+    assert [g.heads for g in layer.groups] == [[0, 2], [1]]  # one group per distinct window
+    gen = torch.Generator().manual_seed(chunk)
+    keys, values = torch.randn(1, 4, 30, 8, generator=gen), torch.randn(1, 4, 30, 8, generator=gen)
+    singles = {}
+    for h in range(3):
+        one = RazorPolicy(((),), num_kv_heads=1, head_dim=8, sinks=2, window_floor=4, window_fraction=fractions[h])
+        singles[h] = RazorLayer(one, 0, num_query_heads=2)
+    for i in range(0, 30, chunk):
+        k, v = keys[..., i : i + chunk, :], values[..., i : i + chunk, :]
+        layer.update(k, v)
+        for h, single in singles.items():
+            single.update(k[:, h : h + 1], v[:, h : h + 1])
+    for g in layer.groups:
+        for j, h in enumerate(g.heads):
+            (ref,) = singles[h].groups
+            assert torch.equal(g.k[:, j], ref.k[:, 0]) and torch.equal(g.v[:, j], ref.v[:, 0])
+            assert g.k.shape[-2] == sum(policy.windowed_tokens(0, 30, h))
+    assert torch.equal(layer.full_k, keys[:, 3:])
+
+
+def test_head_fraction_policy_arithmetic_and_uniform_equivalence(llama):
+    """Per-head windows: held bytes = the policy's at every step; uniform head fractions = the plain rule."""
+    fractions = [[0.5, 0.0, 0.2, 0.0], [0.0, 0.3, 0.3, 0.1]]
+    policy = policy_for(llama, [[1], []], sinks=1, window_floor=3, window_fraction=0.9, head_fraction=fractions)
+    assert policy.kept_tokens(0, 40) == 40 + (1 + 1 + 20) + (1 + 1 + 3) + (1 + 1 + 8)
+    assert policy.kept_tokens(1, 40) == (1 + 1 + 3) + 2 * (1 + 1 + 12) + (1 + 1 + 4)
+    rt = runtime_from_policy(llama, policy)
+    rt.attach(llama)
+    cache, ids = rt.new_cache(), _ids(2, 40)
+    with torch.no_grad():
+        for i in range(0, 40, 7):
+            llama(input_ids=ids[:, i : i + 7], past_key_values=cache)
+            assert cache.storage_bytes() == rt.kv_bytes(min(i + 7, 40), 2)
+    plain = runtime_from_policy(llama, policy_for(llama, [[1], []], sinks=1, window_floor=3, window_fraction=0.2))
+    uniform = policy_for(llama, [[1], []], sinks=1, window_floor=3, head_fraction=[[0.2] * 4] * 2)
+    same = runtime_from_policy(llama, uniform)
+    assert torch.equal(_chunked(llama, ids, plain.new_cache(), 6), _chunked(llama, ids, same.new_cache(), 6))
+    with pytest.raises(ValueError, match="head_fraction"):
+        policy_for(llama, [[1], []], head_fraction=[[0.2] * 3] * 2)

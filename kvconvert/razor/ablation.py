@@ -62,12 +62,21 @@ def _ablation_attention(module, query, key, value, attention_mask, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
-@torch.no_grad()
 def copy_losses(model, ids: torch.Tensor, first: int, plans: list[torch.Tensor], rule: dict) -> list[float]:
     """Copy loss (mean NLL of tokens after position `first`) of `ids` with each plan's heads windowed."""
+    return masked_losses(model, ids, torch.arange(first + 1, ids.shape[1], device=ids.device), plans, rule)
+
+
+@torch.no_grad()
+def masked_losses(
+    model, ids: torch.Tensor, targets: torch.Tensor, plans: list[torch.Tensor], rule: dict
+) -> list[float]:
+    """Mean NLL of the tokens at positions `targets` (each predicted from the one before) of `ids` (one row),
+    with each plan's heads windowed."""
     length = ids.shape[1]
     window = window_mask(length, rule["sinks"], rule["window_floor"], rule["window_fraction"]).to(ids.device)
     causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+    first = int(targets.min()) - 1
     previous = model.config.get_text_config()._attn_implementation
     AttentionInterface.register(ABLATE, _ablation_attention)
     model.set_attn_implementation(ABLATE)
@@ -78,7 +87,8 @@ def copy_losses(model, ids: torch.Tensor, first: int, plans: list[torch.Tensor],
             logits = model(
                 input_ids=ids, use_cache=False, kvconvert_window_plan=plan, logits_to_keep=length - first
             ).logits
-            losses.append(float(F.cross_entropy(logits[0, :-1].float(), ids[0, first + 1 :])))
+            pred = logits[0].index_select(0, targets - 1 - first).float()
+            losses.append(float(F.cross_entropy(pred, ids[0, targets])))
     finally:
         model.set_attn_implementation(previous)
     return losses

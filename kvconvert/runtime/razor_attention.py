@@ -1,7 +1,7 @@
 """The `razor` attention function (registered with transformers' `AttentionInterface`).
 
 It reads the `RazorView` that `RazorLayer.update` attaches to the keys: query heads are gathered per head role,
-attended with two SDPA calls (retrieval heads over every token, windowed heads over their held tokens) and
+attended with one SDPA call per role (retrieval heads over every token, each window group over its held tokens) and
 scattered back. Without a `RazorCache` (e.g. `use_cache=False`) it is transformers' own SDPA attention.
 """
 
@@ -36,11 +36,8 @@ def razor_attention(module, query, key, value, attention_mask, dropout: float = 
         raise ValueError("the razor cache serves unpadded batches only (all sequences of one length)")
     b, heads, q, _ = query.shape
     out = query.new_empty(b, heads, q, value.shape[-1])
-    roles = (
-        (view.full_q, view.full_k, view.full_v, view.full_mask),
-        (view.win_q, view.win_k, view.win_v, view.win_mask),
-    )
-    for idx, k, v, mask in roles:  # two head roles, not a loop over heads
+    roles = [(view.full_q, view.full_k, view.full_v, view.full_mask), *view.windowed]
+    for idx, k, v, mask in roles:  # one call per head role (retrieval, each window), not a loop over heads
         if idx.numel():
             group = idx.numel() // k.shape[1]
             out.index_copy_(1, idx, _attend(query.index_select(1, idx), k, v, mask, scaling, group))

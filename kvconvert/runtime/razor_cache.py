@@ -1,10 +1,11 @@
 """`RazorCache`: a transformers `Cache` whose layers hold retrieval heads in full and window the other heads.
 
-Each `RazorLayer` holds two pairs of tensors: `full_k/full_v` (batch, retrieval heads, T, d) and `win_k/win_v`
-(batch, windowed heads, sink + compensation + recent, d), laid out [sinks | compensation | recent]. Every update
+Each `RazorLayer` holds `full_k/full_v` (batch, retrieval heads, T, d) and, per `WindowGroup` (windowed heads
+sharing one window rule), `k/v` (batch, heads, sink + compensation + recent, d), laid out
+[sinks | compensation | recent]. Every update
 writes one new tensor of exactly the kept size (as `DynamicLayer` does with `torch.cat`), so nothing larger is
 kept alive. `update()` returns the retrieval heads' keys/values carrying a `RazorView` (attribute `razor_view`)
-that the `razor` attention function reads: the windowed heads' keys/values and masks for this step.
+that the `razor` attention function reads: each window group's keys/values and masks for this step.
 """
 
 from __future__ import annotations
@@ -22,21 +23,109 @@ class RazorView:
     """What one attention call needs beyond the retrieval heads' keys/values (returned by `update`)."""
 
     full_q: torch.Tensor  # query-head indices reading retrieval KV heads
-    win_q: torch.Tensor  # query-head indices reading windowed KV heads
     full_k: torch.Tensor
     full_v: torch.Tensor
-    win_k: torch.Tensor
-    win_v: torch.Tensor
     full_mask: torch.Tensor | None  # (q, keys) bool, True = attend; None: every key
-    win_mask: torch.Tensor | None
+    windowed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (q idx, k, v, mask)
 
 
 def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
     return torch.tensor([h * group + j for h in kv_heads for j in range(group)], dtype=torch.long, device=device)
 
 
+class WindowGroup:
+    """The windowed KV heads of one layer that share one rule: tensors `k/v` (batch, heads, sink + compensation +
+    recent, d), laid out [sinks | compensation | recent]."""
+
+    def __init__(self, heads: list[int], rule: tuple[int, int, float, bool]):
+        self.heads = heads
+        self.sinks, self.floor, self.fraction, self.compensation = rule
+        self.n_sink = self.n_comp = self.n_recent = 0
+        self.dropped = 0  # tokens folded into the compensation token
+
+    def init(self, key_states: torch.Tensor, value_states: torch.Tensor, group: int) -> None:
+        self.device = key_states.device
+        b, _, _, d = key_states.shape
+        self.k = key_states.new_empty(b, len(self.heads), 0, d)
+        self.v = value_states.new_empty(b, len(self.heads), 0, value_states.shape[-1])
+        self.kv = torch.tensor(self.heads, dtype=torch.long, device=self.device)
+        self.q = _query_heads(self.heads, group, self.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, seen: int):
+        """Store the new tokens (positions `start`..`seen`), evict; return (q idx, keys, values, mask) to attend."""
+        new_k, new_v = key_states.index_select(1, self.kv), value_states.index_select(1, self.kv)
+        q = seen - start
+        k = v = mask = None
+        if q > 1:  # prefill chunk: attend before evicting, each query through its own window
+            k, v = torch.cat([self.k, new_k], dim=-2), torch.cat([self.v, new_v], dim=-2)
+            mask = self._window_mask(start, q)
+        self._evict(new_k, new_v, seen)
+        if q == 1:  # decode: the new token is in the window; every held token is visible
+            k, v = self.k, self.v
+        return self.q, k, v, mask
+
+    def _held_positions(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute positions of the held tokens (compensation: -1) and which are always visible."""
+        dev = self.device
+        pos = torch.cat(
+            [
+                torch.arange(self.n_sink, device=dev),
+                torch.full((self.n_comp,), -1, device=dev),
+                torch.arange(start - self.n_recent, start, device=dev),
+            ]
+        )
+        pinned = torch.zeros_like(pos, dtype=torch.bool)
+        pinned[: self.n_sink + self.n_comp] = True
+        return pos, pinned
+
+    def _window_mask(self, start: int, q: int) -> torch.Tensor:
+        """(q, held + q) mask: sinks and the compensation token always; other keys within the query's window."""
+        held_pos, held_pinned = self._held_positions(start)
+        new_pos = torch.arange(start, start + q, device=self.device)
+        key_pos = torch.cat([held_pos, new_pos])
+        pinned = torch.cat([held_pinned, new_pos < self.sinks])
+        qpos = new_pos[:, None]
+        widths = ((new_pos + 1).double() * self.fraction).floor().long().clamp(min=self.floor)
+        in_window = key_pos[None, :] > qpos - widths[:, None]
+        return (key_pos[None, :] <= qpos) & (pinned[None, :] | in_window)
+
+    def _evict(self, new_k: torch.Tensor, new_v: torch.Tensor, seen: int) -> None:
+        """Append the new tokens, fold what leaves the window into the compensation token."""
+        q = new_k.shape[-2]
+        to_sink = max(0, min(self.sinks - self.n_sink, q))
+        keep = min(window(self.floor, self.fraction, seen), seen - self.n_sink - to_sink)
+        drop = self.n_recent + (q - to_sink) - keep
+        drop_old, drop_new = min(drop, self.n_recent), max(0, drop - self.n_recent)
+        s, c = self.n_sink, self.n_comp
+        parts_k = [self.k[..., :s, :], new_k[..., :to_sink, :]]
+        parts_v = [self.v[..., :s, :], new_v[..., :to_sink, :]]
+        if drop and self.compensation:
+            dropped_k = [self.k[..., s + c : s + c + drop_old, :], new_k[..., to_sink : to_sink + drop_new, :]]
+            dropped_v = [self.v[..., s + c : s + c + drop_old, :], new_v[..., to_sink : to_sink + drop_new, :]]
+            parts_k.append(self._fold(self.k[..., s : s + c, :], dropped_k, drop))
+            parts_v.append(self._fold(self.v[..., s : s + c, :], dropped_v, drop))
+            self.dropped += drop
+            self.n_comp = 1
+        elif c:
+            parts_k.append(self.k[..., s : s + c, :])
+            parts_v.append(self.v[..., s : s + c, :])
+        parts_k += [self.k[..., s + c + drop_old :, :], new_k[..., to_sink + drop_new :, :]]
+        parts_v += [self.v[..., s + c + drop_old :, :], new_v[..., to_sink + drop_new :, :]]
+        self.k, self.v = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+        self.n_sink += to_sink
+        self.n_recent = keep
+
+    def _fold(self, comp: torch.Tensor, dropped: list[torch.Tensor], n: int) -> torch.Tensor:
+        """Running mean: (old mean * old count + sum of the newly dropped) / new count, accumulated in float32."""
+        total = sum(t.float().sum(dim=-2, keepdim=True) for t in dropped)
+        if comp.shape[-2]:
+            total = total + comp.float() * self.dropped
+        return (total / (self.dropped + n)).to(comp.dtype)
+
+
 class RazorLayer(CacheLayerMixin):
-    """One layer's cache under a `RazorPolicy`."""
+    """One layer's cache under a `RazorPolicy`: the retrieval heads in full, the others in `WindowGroup`s (one per
+    distinct window rule; one group unless the policy gives heads their own window fractions)."""
 
     is_sliding = False
     is_compileable = False
@@ -46,25 +135,21 @@ class RazorLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx = layer_idx
         self.full_heads = list(policy.retrieval_of(layer_idx))
-        self.win_heads = [h for h in range(policy.num_kv_heads) if h not in self.full_heads]
+        self.groups = [WindowGroup(heads, rule) for rule, heads in policy.window_groups(layer_idx)]
         self.group = num_query_heads // policy.num_kv_heads
-        self.sinks, self.floor, self.fraction, self.compensation = policy.layer_rule(layer_idx)
         self.seen = 0  # tokens this layer has been given
-        self.n_sink = self.n_comp = self.n_recent = 0
-        self.dropped = 0  # tokens folded into the compensation token
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, _, _, d = key_states.shape
-        dv = value_states.shape[-1]
-        nf, nw = len(self.full_heads), len(self.win_heads)
-        self.full_k, self.win_k = key_states.new_empty(b, nf, 0, d), key_states.new_empty(b, nw, 0, d)
-        self.full_v, self.win_v = value_states.new_empty(b, nf, 0, dv), value_states.new_empty(b, nw, 0, dv)
+        nf = len(self.full_heads)
+        self.full_k = key_states.new_empty(b, nf, 0, d)
+        self.full_v = value_states.new_empty(b, nf, 0, value_states.shape[-1])
         self.keys, self.values = self.full_k, self.full_v
-        as_index = lambda hs: torch.tensor(hs, dtype=torch.long, device=self.device)  # noqa: E731
-        self.full_kv, self.win_kv = as_index(self.full_heads), as_index(self.win_heads)
+        self.full_kv = torch.tensor(self.full_heads, dtype=torch.long, device=self.device)
         self.full_q = _query_heads(self.full_heads, self.group, self.device)
-        self.win_q = _query_heads(self.win_heads, self.group, self.device)
+        for g in self.groups:
+            g.init(key_states, value_states, self.group)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -79,83 +164,15 @@ class RazorLayer(CacheLayerMixin):
             self.full_v = torch.cat([self.full_v, value_states.index_select(1, self.full_kv)], dim=-2)
             if q > 1:
                 full_mask = self._causal(start, q, torch.arange(self.seen, device=self.device))
-        win_k = win_v = win_mask = None
-        if self.win_heads:
-            new_k, new_v = key_states.index_select(1, self.win_kv), value_states.index_select(1, self.win_kv)
-            if q > 1:  # prefill chunk: attend before evicting, each query through its own window
-                win_k, win_v = torch.cat([self.win_k, new_k], dim=-2), torch.cat([self.win_v, new_v], dim=-2)
-                win_mask = self._window_mask(start, q)
-            self._evict(new_k, new_v)
-            if q == 1:  # decode: the new token is in the window; every held token is visible
-                win_k, win_v = self.win_k, self.win_v
+        windowed = [g.update(key_states, value_states, start, self.seen) for g in self.groups]
         self.keys, self.values = self.full_k, self.full_v
-        view = RazorView(self.full_q, self.win_q, self.full_k, self.full_v, win_k, win_v, full_mask, win_mask)
+        view = RazorView(self.full_q, self.full_k, self.full_v, full_mask, windowed)
         keys, values = self.full_k.view_as(self.full_k), self.full_v.view_as(self.full_v)
         keys.razor_view = view  # a fresh alias per call: the view (and any prefill temporaries) dies with it
         return keys, values
 
-    def _held_positions(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Absolute positions of the held windowed tokens (compensation: -1) and which are always visible."""
-        dev = self.device
-        pos = torch.cat(
-            [
-                torch.arange(self.n_sink, device=dev),
-                torch.full((self.n_comp,), -1, device=dev),
-                torch.arange(start - self.n_recent, start, device=dev),
-            ]
-        )
-        pinned = torch.zeros_like(pos, dtype=torch.bool)
-        pinned[: self.n_sink + self.n_comp] = True
-        return pos, pinned
-
     def _causal(self, start: int, q: int, key_pos: torch.Tensor) -> torch.Tensor:
         return key_pos[None, :] <= torch.arange(start, start + q, device=self.device)[:, None]
-
-    def _window_mask(self, start: int, q: int) -> torch.Tensor:
-        """(q, held + q) mask: sinks and the compensation token always; other keys within the query's window."""
-        held_pos, held_pinned = self._held_positions(start)
-        new_pos = torch.arange(start, start + q, device=self.device)
-        key_pos = torch.cat([held_pos, new_pos])
-        pinned = torch.cat([held_pinned, new_pos < self.sinks])
-        qpos = new_pos[:, None]
-        widths = ((new_pos + 1).double() * self.fraction).floor().long().clamp(min=self.floor)
-        in_window = key_pos[None, :] > qpos - widths[:, None]
-        return (key_pos[None, :] <= qpos) & (pinned[None, :] | in_window)
-
-    def _evict(self, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
-        """Append the new windowed-head tokens, fold what leaves the window into the compensation token."""
-        q = new_k.shape[-2]
-        to_sink = max(0, min(self.sinks - self.n_sink, q))
-        keep = min(window(self.floor, self.fraction, self.seen), self.seen - self.n_sink - to_sink)
-        drop = self.n_recent + (q - to_sink) - keep
-        drop_old, drop_new = min(drop, self.n_recent), max(0, drop - self.n_recent)
-        s, c = self.n_sink, self.n_comp
-        parts_k = [self.win_k[..., :s, :], new_k[..., :to_sink, :]]
-        parts_v = [self.win_v[..., :s, :], new_v[..., :to_sink, :]]
-        if drop and self.compensation:
-            dropped_k = [self.win_k[..., s + c : s + c + drop_old, :], new_k[..., to_sink : to_sink + drop_new, :]]
-            dropped_v = [self.win_v[..., s + c : s + c + drop_old, :], new_v[..., to_sink : to_sink + drop_new, :]]
-            comp_k = self._fold(self.win_k[..., s : s + c, :], dropped_k, drop)
-            comp_v = self._fold(self.win_v[..., s : s + c, :], dropped_v, drop)
-            parts_k.append(comp_k)
-            parts_v.append(comp_v)
-            self.dropped += drop
-            self.n_comp = 1
-        elif c:
-            parts_k.append(self.win_k[..., s : s + c, :])
-            parts_v.append(self.win_v[..., s : s + c, :])
-        parts_k += [self.win_k[..., s + c + drop_old :, :], new_k[..., to_sink + drop_new :, :]]
-        parts_v += [self.win_v[..., s + c + drop_old :, :], new_v[..., to_sink + drop_new :, :]]
-        self.win_k, self.win_v = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
-        self.n_sink += to_sink
-        self.n_recent = keep
-
-    def _fold(self, comp: torch.Tensor, dropped: list[torch.Tensor], n: int) -> torch.Tensor:
-        """Running mean: (old mean * old count + sum of the newly dropped) / new count, accumulated in float32."""
-        total = sum(t.float().sum(dim=-2, keepdim=True) for t in dropped)
-        if comp.shape[-2]:
-            total = total + comp.float() * self.dropped
-        return (total / (self.dropped + n)).to(comp.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -167,12 +184,15 @@ class RazorLayer(CacheLayerMixin):
         return -1
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.full_k, self.full_v, self.win_k, self.win_v)] if self.is_initialized else []
+        if not self.is_initialized:
+            return []
+        return [self.full_k, self.full_v] + [t for g in self.groups for t in (g.k, g.v)]
 
     def reset(self) -> None:
         self.is_initialized = False
         self.keys = self.values = None
-        self.seen = self.n_sink = self.n_comp = self.n_recent = self.dropped = 0
+        self.seen = 0
+        self.groups = [WindowGroup(g.heads, (g.sinks, g.floor, g.fraction, g.compensation)) for g in self.groups]
 
 
 class RazorCache(Cache):
