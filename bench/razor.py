@@ -51,6 +51,8 @@ def run(args) -> dict:
     model, tok = load_model(ckpt, torch.device("cpu"), torch.float32), load_tokenizer(ckpt)
     profile = load_profile(args.profile)
     rule = {"sinks": args.sinks, "window_floor": args.window_floor, "window_fraction": args.window_fraction}
+    if args.no_compensation:
+        rule["compensation"] = False
     retrieval = top(profile, args.top) if args.top else profile["retrieval"]
     if args.tiers:  # the next heads of the ranking get wider windows (per-head window fractions)
         n_kv, layers = model.config.num_key_value_heads, len(profile["retrieval"])
@@ -158,6 +160,7 @@ def main() -> None:
         default=[],
         help="COUNT:FRACTION,...: the next heads of the ranking after --top get these window fractions.",
     )
+    ap.add_argument("--no-compensation", action="store_true", help="Windowed heads keep no compensation token.")
     ap.add_argument("--seed", type=int, default=0, help="Passkey keys' random seed (0: the benchmark's keys).")
     ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=[])
