@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvconvert.razor.tiers import parse_tiers, tiered_heads
 from kvconvert.runtime.razor_policy import RazorPolicy
@@ -31,3 +32,29 @@ def test_tiered_budget_is_the_sum_of_each_heads_window():
 
 def test_parse_tiers():
     assert parse_tiers("10:0.4,20:0.2") == [(10, 0.4), (20, 0.2)] and parse_tiers("") == []
+
+
+def test_a_profile_with_head_fractions_is_served(tmp_path, tiny_llama):
+    """`razor:PROFILE.json` whose runtime carries `head_fraction`: each windowed head holds its own window."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from kvconvert.razor.store import SCHEMA
+    from kvconvert.runtime import runtime_for
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    fractions = [[0.5, 0.1, 0.1, 0.1], [0.1, 0.1, 0.25, 0.1]]
+    runtime = {"sinks": 2, "window_floor": 4, "window_fraction": 0.1, "compensation": True, "head_fraction": fractions}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "retrieval": [[1], []], "runtime": runtime}))
+    rt = runtime_for(f"razor:{path}", model)
+    assert rt.policy.head_fraction[1][2] == 0.25
+    assert rt.policy.kept_tokens(0, 100) == 100 + (2 + 1 + 50) + 2 * (2 + 1 + 10)
+    rt.attach(model)
+    cache = rt.new_cache(model)
+    ids = torch.randint(5, 300, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i in range(0, 100, 25):
+            model(input_ids=ids[:, i : i + 25], past_key_values=cache)
+    assert cache.storage_bytes() == rt.kv_bytes(100)
