@@ -53,6 +53,8 @@ def run(args) -> dict:
     rule = {"sinks": args.sinks, "window_floor": args.window_floor, "window_fraction": args.window_fraction}
     if args.no_compensation:
         rule["compensation"] = False
+    if args.compensation_bias:
+        rule["compensation_bias"] = True
     retrieval = top(profile, args.top) if args.top else profile["retrieval"]
     if args.tiers:  # the next heads of the ranking get wider windows (per-head window fractions)
         n_kv, layers = model.config.num_key_value_heads, len(profile["retrieval"])
@@ -161,6 +163,9 @@ def main() -> None:
         help="COUNT:FRACTION,...: the next heads of the ranking after --top get these window fractions.",
     )
     ap.add_argument("--no-compensation", action="store_true", help="Windowed heads keep no compensation token.")
+    ap.add_argument(
+        "--compensation-bias", action="store_true", help="Weigh the compensation token by log(tokens dropped)."
+    )
     ap.add_argument("--seed", type=int, default=0, help="Passkey keys' random seed (0: the benchmark's keys).")
     ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=[])

@@ -207,3 +207,35 @@ def test_head_fraction_policy_arithmetic_and_uniform_equivalence(llama):
     assert torch.equal(_chunked(llama, ids, plain.new_cache(), 6), _chunked(llama, ids, same.new_cache(), 6))
     with pytest.raises(ValueError, match="head_fraction"):
         policy_for(llama, [[1], []], head_fraction=[[0.2] * 3] * 2)
+
+
+def test_compensation_bias_is_exact_when_the_dropped_tokens_are_equal():
+    """With `compensation_bias`, a compensation token standing for n equal dropped tokens weighs as those n
+    tokens: the windowed head's output equals attention over every token it stands for (decode and prefill)."""
+    from kvconvert.runtime.razor_attention import razor_attention
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    policy = RazorPolicy(((),), 1, 8, sinks=1, window_floor=3, window_fraction=0.0, compensation_bias=True)
+    layer = RazorLayer(policy, 0, num_query_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 1, 18, 8, generator=gen), torch.randn(1, 1, 18, 8, generator=gen)
+    keys[..., 1:11, :], values[..., 1:11, :] = keys[..., 1:2, :], values[..., 1:2, :]  # tokens 1..10 equal
+    queries = torch.randn(1, 2, 18, 8, generator=gen)
+    kv = lambda t, n: t[..., :n, :].expand(1, 2, n, 8)  # noqa: E731
+    for i in range(14):  # decode: held = sink 0, the mean of 1..10 (n = 10), 11..13
+        k, v = layer.update(keys[..., i : i + 1, :], values[..., i : i + 1, :])
+    assert layer.groups[0].dropped == 10
+    out, _ = razor_attention(None, queries[..., 13:14, :], k, v, None, scaling=8**-0.5)
+    ref = sdpa(queries[..., 13:14, :], kv(keys, 14), kv(values, 14), scale=8**-0.5)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+    k, v = layer.update(keys[..., 14:18, :], values[..., 14:18, :])  # a prefill chunk: 1..10 as one token
+    out, _ = razor_attention(None, queries[..., 14:18, :], k, v, None, scaling=8**-0.5)
+    pos, qpos = torch.arange(18), torch.arange(14, 18)[:, None]
+    visible = (pos <= qpos) & ((pos < 11) | (pos > qpos - 3))  # sink + dropped-before-the-chunk + window
+    ref = sdpa(queries[..., 14:18, :], kv(keys, 18), kv(values, 18), attn_mask=visible, scale=8**-0.5)
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+    plain = RazorLayer(RazorPolicy(((),), 1, 8, sinks=1, window_floor=3, window_fraction=0.0), 0, 2)
+    for i in range(14):
+        k, v = plain.update(keys[..., i : i + 1, :], values[..., i : i + 1, :])
+    out, _ = razor_attention(None, queries[..., 13:14, :], k, v, None, scaling=8**-0.5)
+    assert not torch.allclose(out.transpose(1, 2), sdpa(queries[..., 13:14, :], kv(keys, 14), kv(values, 14)))

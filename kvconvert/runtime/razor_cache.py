@@ -10,6 +10,7 @@ that the `razor` attention function reads: each window group's keys/values and m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,10 @@ class WindowGroup:
     """The windowed KV heads of one layer that share one rule: tensors `k/v` (batch, heads, sink + compensation +
     recent, d), laid out [sinks | compensation | recent]."""
 
-    def __init__(self, heads: list[int], rule: tuple[int, int, float, bool]):
+    def __init__(self, heads: list[int], rule: tuple[int, int, float, bool], bias: bool = False):
         self.heads = heads
         self.sinks, self.floor, self.fraction, self.compensation = rule
+        self.bias = bias  # add log(dropped) to the compensation token's attention logit
         self.n_sink = self.n_comp = self.n_recent = 0
         self.dropped = 0  # tokens folded into the compensation token
 
@@ -58,11 +60,22 @@ class WindowGroup:
         k = v = mask = None
         if q > 1:  # prefill chunk: attend before evicting, each query through its own window
             k, v = torch.cat([self.k, new_k], dim=-2), torch.cat([self.v, new_v], dim=-2)
-            mask = self._window_mask(start, q)
+            mask = self._biased(self._window_mask(start, q), new_k.dtype)
         self._evict(new_k, new_v, seen)
         if q == 1:  # decode: the new token is in the window; every held token is visible
             k, v = self.k, self.v
+            if self.bias and self.n_comp:
+                mask = self._biased(torch.ones(1, k.shape[-2], dtype=torch.bool, device=self.device), k.dtype)
         return self.q, k, v, mask
+
+    def _biased(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """With `bias` and a compensation token held: the float mask (0 / -inf) plus log(dropped) on its column,
+        so the token weighs as the dropped tokens would if their keys were equal; else `mask` unchanged."""
+        if not (self.bias and self.n_comp):
+            return mask
+        out = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        out[:, self.n_sink] += math.log(self.dropped)
+        return out
 
     def _held_positions(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute positions of the held tokens (compensation: -1) and which are always visible."""
@@ -135,7 +148,8 @@ class RazorLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx = layer_idx
         self.full_heads = list(policy.retrieval_of(layer_idx))
-        self.groups = [WindowGroup(heads, rule) for rule, heads in policy.window_groups(layer_idx)]
+        bias = policy.compensation_bias
+        self.groups = [WindowGroup(heads, rule, bias) for rule, heads in policy.window_groups(layer_idx)]
         self.group = num_query_heads // policy.num_kv_heads
         self.seen = 0  # tokens this layer has been given
 
@@ -192,7 +206,9 @@ class RazorLayer(CacheLayerMixin):
         self.is_initialized = False
         self.keys = self.values = None
         self.seen = 0
-        self.groups = [WindowGroup(g.heads, (g.sinks, g.floor, g.fraction, g.compensation)) for g in self.groups]
+        self.groups = [
+            WindowGroup(g.heads, (g.sinks, g.floor, g.fraction, g.compensation), g.bias) for g in self.groups
+        ]
 
 
 class RazorCache(Cache):

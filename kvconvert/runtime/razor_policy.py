@@ -25,6 +25,7 @@ class RazorPolicy:
     compensation: bool = True
     fixed_window: tuple[int | None, ...] = field(default=())
     head_fraction: tuple[tuple[float, ...], ...] = field(default=())
+    compensation_bias: bool = False  # attend to the compensation token as to the `dropped` tokens it stands for
 
     def __post_init__(self) -> None:
         if self.head_fraction:
