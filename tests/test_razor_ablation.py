@@ -90,6 +90,8 @@ def test_profile_cli_ablation(tmp_path, tiny_llama):
     assert profile["settings"]["scoring"] == "ablation" and len(profile["ranking"]) == 2
     assert sorted(map(tuple, profile["ranking"])) == [(i, h) for i, row in enumerate(profile["retrieval"]) for h in row]
     assert set(profile["held_out_copy_loss"]) == {"full", "selected", "windowed", "random"}
+    sinks = profile["runtime"]["sinks"]
+    assert profile["settings"]["prefix"] == max(8, sinks)  # the probe's sinks never reach the copied block
     r = runner.invoke(app, [*args[:3], str(tmp_path / "p3.json"), *args[4:]])  # the default scoring
     assert r.exit_code == 0, r.output
     drop = json.loads((tmp_path / "p3.json").read_text())

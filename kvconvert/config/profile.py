@@ -31,7 +31,7 @@ class ProfileConfig(StageConfig):
     pool: int = setting(30, "Ablation: heads re-scored in each later round (0: all).", PROFILE, ge=0, metavar="N")
     induction: float = setting(0.14, "echo-induction: fraction of KV heads by induction.", PROFILE, ge=0, le=1)
     echo: float = setting(0.01, "echo-induction: fraction of KV heads by echo.", PROFILE, ge=0, le=1)
-    sinks: int = setting(4, "First tokens every windowed head keeps.", RUNTIME, ge=0, metavar="N")
+    sinks: int = setting(32, "First tokens every windowed head keeps.", RUNTIME, ge=0, metavar="N")
     window_floor: int = setting(256, "Smallest recent window of a windowed head.", RUNTIME, ge=1, metavar="N")
     window_fraction: float = setting(0.15, "Recent window as a fraction of the context.", RUNTIME, ge=0, le=1)
     device: str = device_field(PROFILE)
