@@ -90,8 +90,12 @@ def test_profile_cli_ablation(tmp_path, tiny_llama):
     assert profile["settings"]["scoring"] == "ablation" and len(profile["ranking"]) == 2
     assert sorted(map(tuple, profile["ranking"])) == [(i, h) for i, row in enumerate(profile["retrieval"]) for h in row]
     assert set(profile["held_out_copy_loss"]) == {"full", "selected", "windowed", "random"}
-    sinks = profile["runtime"]["sinks"]
-    assert profile["settings"]["prefix"] == max(8, sinks)  # the probe's sinks never reach the copied block
+    assert profile["runtime"]["sinks"] == 32 and profile["settings"]["probe_sinks"] == 4  # the defaults
+    assert profile["settings"]["prefix"] == 8
+    r = runner.invoke(app, [*args[:3], str(tmp_path / "p4.json"), *args[4:], "--probe-sinks", "12", "--sinks", "6"])
+    assert r.exit_code == 0, r.output
+    p4 = json.loads((tmp_path / "p4.json").read_text())
+    assert p4["settings"]["prefix"] == 12 and p4["runtime"]["sinks"] == 6  # the probe's sinks never see the block
     r = runner.invoke(app, [*args[:3], str(tmp_path / "p3.json"), *args[4:]])  # the default scoring
     assert r.exit_code == 0, r.output
     drop = json.loads((tmp_path / "p3.json").read_text())

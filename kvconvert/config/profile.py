@@ -29,6 +29,9 @@ class ProfileConfig(StageConfig):
     retrieval: float = setting(0.21, "Ablation: fraction of KV heads kept in full.", PROFILE, ge=0, le=1)
     rounds: int = setting(2, "Ablation: greedy rounds.", PROFILE, ge=1, metavar="N")
     pool: int = setting(30, "Ablation: heads re-scored in each later round (0: all).", PROFILE, ge=0, metavar="N")
+    probe_sinks: int = setting(
+        4, "Ablation: sink tokens of a windowed head while profiling (the cache keeps --sinks).", PROFILE, ge=0
+    )
     induction: float = setting(0.14, "echo-induction: fraction of KV heads by induction.", PROFILE, ge=0, le=1)
     echo: float = setting(0.01, "echo-induction: fraction of KV heads by echo.", PROFILE, ge=0, le=1)
     sinks: int = setting(32, "First tokens every windowed head keeps.", RUNTIME, ge=0, metavar="N")

@@ -32,13 +32,13 @@ def _echo_induction(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tu
 
 
 def _ablation(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tuple[dict, dict]:
-    rule = req.runtime_rule()
-    prefix = max(8, rule["sinks"])  # the sinks see the random prefix only, never the block to be copied
+    rule = req.runtime_rule() | {"sinks": req.probe_sinks}  # the probe's windowing; the cache keeps req.sinks
+    prefix = max(8, req.probe_sinks)  # the sinks see the random prefix only, never the block to be copied
     if req.block <= window(rule["window_floor"], rule["window_fraction"], req.block * req.repeats + prefix):
         raise KVConvertError("ablation scoring needs --block longer than the runtime's window (--window-floor)")
     kw = dict(block=req.block, repeats=req.repeats, seeds=req.seed_count(), fraction=req.retrieval, prefix=prefix)
     kw |= dict(rounds=req.rounds, pool=req.pool, greedy=req.scoring == "ablation")
-    settings = {"scoring": req.scoring, **kw, "seeds": list(range(req.seed_count()))}
+    settings = {"scoring": req.scoring, **kw, "seeds": list(range(req.seed_count())), "probe_sinks": req.probe_sinks}
     return settings, profile_ablation(model, eligible, rule, **kw)
 
 
