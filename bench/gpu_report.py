@@ -23,7 +23,8 @@ def gib(n: float) -> str:
 def devices(d: dict) -> list[str]:
     lines = ["## 1. Every stage on `--device auto`", "", "| command | exit code | seconds |", "|---|---:|---:|"]
     for name, r in d["steps"].items():
-        label = "`pytest tests/test_devices.py` (on the GPU)" if name == "pytest" else f"`kvconvert {name}`"
+        tests = " ".join(w for w in r.get("cmd", "").split() if w.startswith("tests/"))
+        label = f"`pytest {tests}` (on the GPU)" if name == "pytest" else f"`kvconvert {name}`"
         lines.append(f"| {label} | {r['rc']} | {r['seconds']} |")
     stages = d["steps"].get("compress", {}).get("stages")
     if stages:
@@ -128,6 +129,9 @@ def heal(d: dict) -> list[str]:
 def main() -> None:
     cmd = (RAW / "command.txt").read_text().strip() if (RAW / "command.txt").exists() else "?"
     lines = ["# GPU results", "", "Run: `bench/gpu.sh` (see docs/gpu.md). Recorded:", "", "```", cmd, "```", ""]
+    notes = RAW / "notes.md"  # what a person adds to a run: how it was called, what it showed, what changed since
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
     any_smoke = False
     for name, render in (("devices", devices), ("scale", scale), ("runtime", runtime), ("heal", heal)):
         d = load(name)
