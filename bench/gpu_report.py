@@ -96,6 +96,7 @@ def runtime(d: dict) -> list[str]:
             f"{c['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x | {gib(b['peak_bytes'])} | "
             f"{gib(c['peak_bytes'])} | {b['peak_bytes'] / c['peak_bytes']:.2f}x |"
         )
+    lines += graphed_table(d.get("graphed", {}))
     bud = d.get("budget", {})
     if "3" in bud and "1" in bud:
         b3, b1 = bud["3"]["largest_batch"], bud["1"]["largest_batch"]
@@ -104,6 +105,32 @@ def runtime(d: dict) -> list[str]:
             f"Largest batch at {bud['3']['context']} tokens of context inside {gib(bud['3']['budget_bytes'])}: "
             f"3 KV heads {b3}, 1 KV head {b1} ({b1 / max(b3, 1):.2f}x the tokens in the same memory; target 2.5x).",
         ]
+    return lines
+
+
+def graphed_table(g: dict) -> list[str]:
+    """Static cache, decode step replayed as a CUDA graph (host out of the step), beside the eager step."""
+    if "3" not in g or "1" not in g:
+        return []
+    lines = [
+        "",
+        "Stock `StaticCache`, the step's mask kept on the GPU, one decode step captured as a CUDA graph and replayed "
+        "(bench/static_decode.py; torch's own SDPA choice); eager = the same step without the graph.",
+        "",
+        "| batch | context | 3 KV: eager ms | 1 KV: eager ms | 3 KV: graph tok/s | 1 KV: graph tok/s | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, c in zip(g["3"], g["1"], strict=False):
+        if "error" in b or "error" in c:
+            err = b.get("error") or c.get("error")
+            lines.append(f"| {b['batch']} | {b['context']} | failed: {err[:120]} | | | | |")
+            continue
+        eager = f"| {b['batch']} | {b['context']} | {b['eager_step_ms']:.1f} | {c['eager_step_ms']:.1f} |"
+        if "graph_tokens_per_s" not in b or "graph_tokens_per_s" not in c:
+            lines.append(eager + " | | |")
+            continue
+        tb, tc = b["graph_tokens_per_s"], c["graph_tokens_per_s"]
+        lines.append(eager + f" {tb:,.0f} | {tc:,.0f} | {tc / tb:.2f}x |")
     return lines
 
 

@@ -91,6 +91,38 @@ def decode(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict
     }
 
 
+@torch.no_grad()
+def graphed(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict:
+    """Decode on a `StaticCache` (bench/static_decode.py): the step eagerly (`warmup` steps: host-bound), then
+    captured as a CUDA graph and replayed `steps` times (GPU-bound). On CPU only the eager steps are timed."""
+    from bench.static_decode import StaticDecoder
+
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    dec = StaticDecoder(model, batch, context, warmup + steps + 2)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        dec.step()
+    sync()
+    r = {"batch": batch, "context": context, "eager_step_ms": 1000 * (time.perf_counter() - t0) / warmup}
+    if cuda:
+        dec.graph(warmup=1)  # one more eager step on a side stream, then the capture (which runs nothing)
+        dec.replay()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.replay()
+        sync()
+        seconds = time.perf_counter() - t0
+        r |= {"graph_step_ms": 1000 * seconds / steps, "graph_tokens_per_s": batch * steps / seconds}
+    r |= {"cache_bytes": dec.cache_bytes(), "peak_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None}
+    del dec
+    return r
+
+
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 """Fused SDPA kernels; the math fallback would copy KV heads. cuDNN builds a graph per new key length, which a
 decode step changes every time: on the first H200 run (torch 2.11) every decode step took ~65 ms whatever the
@@ -160,7 +192,7 @@ def main() -> None:
     print("sdpa:", result["sdpa"], flush=True)
     for kv in (3, 1):
         model = build(kv, dev, dtype)
-        rows = []
+        rows, graphs = [], []
         for batch, context in grid:
             if time.time() > t_end - 20:
                 print("runtime: out of time, skipping the rest of the grid", flush=True)
@@ -173,7 +205,16 @@ def main() -> None:
                 torch.cuda.empty_cache()
             print(f"kv={kv} {r}", flush=True)
             rows.append(r)
+            try:  # the same point on a static cache, the step replayed as a CUDA graph (torch's SDPA choice)
+                g = graphed(model, batch, context, steps=4 if SMOKE else 20)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                g = {"batch": batch, "context": context, "error": str(exc).splitlines()[0][:300]}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"kv={kv} static+graph {g}", flush=True)
+            graphs.append(g)
         result["points"][str(kv)] = rows
+        result.setdefault("graphed", {})[str(kv)] = graphs
         save("runtime", result)
         if total is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
