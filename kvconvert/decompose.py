@@ -22,17 +22,15 @@ from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
 
 GROUPINGS = get_args(Grouping)
 PLAN_WORKERS = 16
+QK_NORM_MERGES = ("normalised", "linear")  # QK-norm families: norm-carried key maps, or the method's maps as is
 
 
 def plan_threads(cores: int, layers: int) -> tuple[int, int]:
     """(workers, CPU threads per worker) for planning `layers` layers on `cores` threads: workers x threads never
     exceeds `cores`. A worker thread otherwise opens an OpenMP team of every core for each eigen-solve: 8 workers
-    on 16 cores ran 128 threads, and each layer took 30 s instead of 2 (H200 host, 7B-shaped, docs/results/gpu.md)."""
+    on 16 cores ran 128 threads, and a 7B-shaped layer took 30 s, about 3 s on one thread (docs/results/gpu.md)."""
     workers = max(1, min(PLAN_WORKERS, cores, layers))
     return workers, max(1, cores // workers)
-
-
-QK_NORM_MERGES = ("normalised", "linear")  # QK-norm families: norm-carried key maps, or the method's maps as is
 
 
 def group_problem(
