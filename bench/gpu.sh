@@ -5,7 +5,7 @@
 #   bench/gpu.sh --smoke    # tiny sizes on whatever device there is (CPU: a few minutes)
 #
 # Env: KVC_GPU_PARTS (default: runtime scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf; default: the built-in `smollm2` alias), PYTHON (default
-# python3), KVC_GPU_BUDGET (seconds for the whole run, default 480), OUT (also copy the results there).
+# python3), KVC_GPU_BUDGET (seconds for the whole run, default 500), OUT (also copy the results there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
