@@ -5,14 +5,14 @@
 #   bench/gpu.sh --smoke    # tiny sizes on whatever device there is (CPU: a few minutes)
 #
 # Env: KVC_GPU_PARTS (default: runtime scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf; default: the built-in `smollm2` alias), PYTHON (default
-# python3), KVC_GPU_BUDGET (seconds for the whole run, default 500), OUT (also copy the results there).
+# python3), KVC_GPU_BUDGET (seconds for the whole run, default 560), OUT (also copy the results there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 export KVC_GPU_SMOKE=$SMOKE
-BUDGET=${KVC_GPU_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 500)}
+BUDGET=${KVC_GPU_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 560)}
 if [ -z "${KVC_SMOLLM2_GGUF:-}" ] && compgen -G "/tmp/smollm2/*.gguf" >/dev/null; then
   KVC_SMOLLM2_GGUF=$(ls /tmp/smollm2/*.gguf | head -1)
 fi
