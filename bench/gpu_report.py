@@ -23,7 +23,7 @@ def gib(n: float) -> str:
 def devices(d: dict) -> list[str]:
     lines = ["## 1. Every stage on `--device auto`", "", "| command | exit code | seconds |", "|---|---:|---:|"]
     for name, r in d["steps"].items():
-        tests = " ".join(w for w in r.get("cmd", "").split() if w.startswith("tests/"))
+        tests = " ".join(dict.fromkeys(w.split("::")[0] for w in r.get("cmd", "").split() if w.startswith("tests/")))
         label = f"`pytest {tests}` (on the GPU)" if name == "pytest" else f"`kvconvert {name}`"
         lines.append(f"| {label} | {r['rc']} | {r['seconds']} |")
     stages = d["steps"].get("compress", {}).get("stages")
