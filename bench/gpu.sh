@@ -4,8 +4,9 @@
 #   bench/gpu.sh            # on one H100/H200 (about 8 minutes); wheels from .whl/ if present (bench/gpu_wheels.sh)
 #   bench/gpu.sh --smoke    # tiny sizes on whatever device there is (CPU: a few minutes)
 #
-# Env: KVC_GPU_PARTS (default: runtime scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf; default: the built-in `smollm2` alias), PYTHON (default
-# python3), KVC_GPU_BUDGET (seconds for the whole run, default 560), OUT (also copy the results there).
+# Env: KVC_GPU_PARTS (default: runtime razor scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf;
+# default: the built-in `smollm2` alias), PYTHON (default python3), KVC_GPU_BUDGET (seconds for the whole run,
+# default 560), OUT (also copy the results there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
@@ -59,7 +60,7 @@ print("python", sys.version.split()[0], "| SmolLM2:", os.environ["KVC_SMOLLM2_GG
 print(" ".join(f"{n}={version(n)}" for n in names.split()))
 PYEOF
 # Convert the SmolLM2 GGUF once (cached under ~/.cache/kvconvert) before anything is timed.
-if [ "${KVC_GPU_PARTS:-all}" != runtime ]; then  # the runtime part alone uses random weights
+if [ "${KVC_GPU_PARTS:-all}" != "runtime razor" ]; then  # these two parts use random weights
   timeout 120 $PY -c "from kvconvert.checkpoint import resolve; import os; print('SmolLM2 at', resolve(os.environ['KVC_SMOLLM2_GGUF']).path)" \
     2>&1 | tail -3 || echo "SmolLM2 conversion failed"
 fi
@@ -78,11 +79,11 @@ part() {
 
 # KVC_GPU_PARTS picks parts (e.g. "runtime" in one call and "scale devices heal" in the next on the same machine,
 # with KVC_GPU_RAW and KVC_GPU_WORK under /tmp, which a warm machine keeps between calls).
-PARTS=${KVC_GPU_PARTS:-runtime scale devices heal}
+PARTS=${KVC_GPU_PARTS:-runtime razor scale devices heal}
 for name in $PARTS; do
   case "$SMOKE:$name" in
-    1:runtime) part runtime 120 ;; 1:scale) part scale 240 ;; 1:devices) part devices 240 ;; 1:heal) part heal 9999 ;;
-    0:runtime) part runtime 110 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-200}" ;;
+    1:runtime) part runtime 120 ;; 1:razor) part razor 120 ;; 1:scale) part scale 240 ;; 1:devices) part devices 240 ;; 1:heal) part heal 9999 ;;
+    0:runtime) part runtime 110 ;; 0:razor) part razor 60 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-200}" ;;
     0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-150}" ;; 0:heal) part heal 9999 ;;
     *) echo "unknown part $name" ;;
   esac

@@ -134,6 +134,28 @@ def graphed_table(g: dict) -> list[str]:
     return lines
 
 
+def razor(d: dict) -> list[str]:
+    lines = [
+        "## 5. RazorAttention cache against `DynamicCache` (SmolLM2-135M shapes, random bf16 weights)",
+        "",
+        f"{d['retrieval_heads']} of {d['of_heads']} KV heads whole, the rest sinks + window + compensation token (the "
+        "runtime's default rule); prompt prefilled in chunks of 2048, then greedy decode; peak over both.",
+        "",
+        "| batch | context | cache | decode tok/s | step ms | KV held | peak | prefill s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["points"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['context']} | {r['kind']} | failed: {r['error'][:100]} | | | | |")
+            continue
+        peak = gib(r["peak_bytes"]) if r.get("peak_bytes") else ""
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['kind']} | {r['decode_tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
+            f"{gib(r['cache_bytes'])} | {peak} | {r['prefill_seconds']} |"
+        )
+    return lines
+
+
 def heal(d: dict) -> list[str]:
     lines = [
         "## 4. Heal curve from the refined merge (SmolLM2-135M-Instruct, 3 -> 1 KV heads)",
@@ -160,7 +182,8 @@ def main() -> None:
     if notes.exists():
         lines += [notes.read_text().strip(), ""]
     any_smoke = False
-    for name, render in (("devices", devices), ("scale", scale), ("runtime", runtime), ("heal", heal)):
+    parts = (("devices", devices), ("scale", scale), ("runtime", runtime), ("heal", heal), ("razor", razor))
+    for name, render in parts:
         d = load(name)
         if d is None:
             lines += [f"## {name}: no result (the part failed or was skipped; see the log)", ""]
