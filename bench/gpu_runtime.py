@@ -3,13 +3,11 @@
 Random bf16 weights (speed and memory do not depend on them). Each point fills a stock transformers `DynamicCache`
 with `context` random tokens per sequence (what a prefill leaves), then times greedy decode steps of the stock
 model (`model(input_ids, past_key_values=...)`, no attention mask, so transformers' SDPA path runs with
-`enable_gqa` and never copies KV heads). Peak = `torch.cuda.max_memory_allocated` over the decode steps
-(model + cache + the step's temporaries). The budget search finds, per model, the largest batch at a fixed
-context whose decode steps run inside a fixed memory cap (`torch.cuda.set_per_process_memory_fraction`).
-
-Why not a static cache here: a `StaticCache` needs an attention mask (unfilled slots), and with a mask
-transformers 5.x's SDPA integration repeats the KV heads to the query-head count before attention
-(`use_gqa_in_sdpa` is false), which hides most of what fewer KV heads save in bandwidth.
+`enable_gqa` and never copies KV heads), on the fastest fused SDPA backend of a probe. Peak =
+`torch.cuda.max_memory_allocated` over the decode steps (model + cache + the step's temporaries). The same point is
+then decoded on a stock `StaticCache` with the step replayed as a CUDA graph (`graphed`, bench/static_decode.py):
+eager steps there are bound by the host, graph replays by the GPU. The budget search finds, per model, the largest
+batch at a fixed context whose decode steps run inside a fixed memory cap (`set_per_process_memory_fraction`).
 """
 
 from __future__ import annotations
@@ -124,9 +122,9 @@ def graphed(model, batch: int, context: int, steps: int, warmup: int = 2) -> dic
 
 
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
-"""Fused SDPA kernels; the math fallback would copy KV heads. cuDNN builds a graph per new key length, which a
-decode step changes every time: on the first H200 run (torch 2.11) every decode step took ~65 ms whatever the
-cache size, so the backend is now chosen by timing each one at a probe point."""
+"""Fused SDPA kernels; the math fallback would copy KV heads. On the first H200 run (torch 2.11, all three allowed)
+every decode step took ~65 ms whatever the cache size; one suspect is cuDNN, which can build a graph for each new
+key length, i.e. every decode step. So the backend is now chosen by timing each one at a probe point."""
 
 
 def attention_backend(dev: torch.device, dtype: torch.dtype) -> tuple[Callable, str, dict]:
