@@ -84,7 +84,7 @@ for name in $PARTS; do
   case "$SMOKE:$name" in
     1:runtime) part runtime 120 ;; 1:razor) part razor 120 ;; 1:scale) part scale 240 ;; 1:devices) part devices 240 ;; 1:heal) part heal 9999 ;;
     0:runtime) part runtime 110 ;; 0:razor) part razor 60 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-200}" ;;
-    0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-150}" ;; 0:heal) part heal 9999 ;;
+    0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-180}" ;; 0:heal) part heal 9999 ;;
     *) echo "unknown part $name" ;;
   esac
 done
