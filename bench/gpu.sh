@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU benchmark: device correctness, 7B-shaped conversion vs floors, KV-cache runtime, heal curve -> docs/results/gpu.md
+# GPU benchmark: device correctness, 7B-shaped conversion vs floors, KV-cache runtimes, heal curve -> docs/results/gpu.md
 #
-#   bench/gpu.sh            # on one H100/H200 (about 8 minutes); wheels from .whl/ if present (bench/gpu_wheels.sh)
+#   bench/gpu.sh            # on one H100/H200 (560 s; all parts in full: two calls, docs/gpu.md); wheels from .whl/
 #   bench/gpu.sh --smoke    # tiny sizes on whatever device there is (CPU: a few minutes)
 #
 # Env: KVC_GPU_PARTS (default: runtime razor scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf;
