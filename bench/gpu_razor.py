@@ -15,6 +15,7 @@ import torch
 
 from bench.gpu_common import SMOKE, device, left, save, sync
 from bench.gpu_runtime import build
+from bench.razor_speed import cache_bytes
 
 POINTS_FULL = [(16, 8192), (16, 32768), (64, 16384)]
 POINTS_TINY = [(2, 640)]
@@ -63,9 +64,7 @@ def run_point(model, kind: str, batch: int, context: int, steps: int, chunk: int
         tok = model(input_ids=tok, past_key_values=cache).logits[:, -1:].argmax(-1)
     sync()
     seconds = time.perf_counter() - t0
-    held = cache.storage_bytes() if hasattr(cache, "storage_bytes") else None
-    if held is None:
-        held = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+    held = cache_bytes(cache)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     del cache, ids
     return {
