@@ -62,9 +62,10 @@ def scale(d: dict) -> list[str]:
             lines.append(f"| {key} ({what}) | failed (rc {r['rc']}) after {r['seconds']} | {floor:.1f} | | 1.5 |")
         else:
             lines.append(f"| {key} ({what}) | {r['seconds']:.1f} | {floor:.1f} | {r['seconds'] / floor:.2f} | 1.5 |")
-    stages = (d.get("compress") or {}).get("stages")
-    if stages:
-        lines += ["", "compress stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
+    for key in ("calibrate", "compress"):
+        stages = (d.get(key) or {}).get("stages")
+        if stages:
+            lines += ["", f"{key} stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
     lines += ["", "Wall times are of the child process (Python start-up and checkpoint loading included)."]
     for key in ("calibrate", "compress"):
         r = d.get(key)
