@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# GPU benchmark: device correctness, 7B-shaped conversion vs floors, KV-cache runtime, heal curve -> docs/results/gpu.md
+# GPU benchmark: device correctness, 7B-shaped conversion vs floors, KV-cache runtimes, heal curve -> docs/results/gpu.md
 #
-#   bench/gpu.sh            # on one H100/H200 (about 8 minutes); wheels from .whl/ if present (bench/gpu_wheels.sh)
+#   bench/gpu.sh            # on one H100/H200 (560 s; all parts in full: two calls, docs/gpu.md); wheels from .whl/
 #   bench/gpu.sh --smoke    # tiny sizes on whatever device there is (CPU: a few minutes)
 #
-# Env: KVC_GPU_PARTS (default: runtime scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf; default: the built-in `smollm2` alias), PYTHON (default
-# python3), KVC_GPU_BUDGET (seconds for the whole run, default 480), OUT (also copy the results there).
+# Env: KVC_GPU_PARTS (default: runtime razor scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf;
+# default: the built-in `smollm2` alias), PYTHON (default python3), KVC_GPU_BUDGET (seconds for the whole run,
+# default 560), OUT (also copy the results there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 export KVC_GPU_SMOKE=$SMOKE
-BUDGET=${KVC_GPU_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 500)}
+BUDGET=${KVC_GPU_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 560)}
 if [ -z "${KVC_SMOLLM2_GGUF:-}" ] && compgen -G "/tmp/smollm2/*.gguf" >/dev/null; then
   KVC_SMOLLM2_GGUF=$(ls /tmp/smollm2/*.gguf | head -1)
 fi
@@ -59,7 +60,7 @@ print("python", sys.version.split()[0], "| SmolLM2:", os.environ["KVC_SMOLLM2_GG
 print(" ".join(f"{n}={version(n)}" for n in names.split()))
 PYEOF
 # Convert the SmolLM2 GGUF once (cached under ~/.cache/kvconvert) before anything is timed.
-if [ "${KVC_GPU_PARTS:-all}" != runtime ]; then  # the runtime part alone uses random weights
+if [ "${KVC_GPU_PARTS:-all}" != "runtime razor" ]; then  # these two parts use random weights
   timeout 120 $PY -c "from kvconvert.checkpoint import resolve; import os; print('SmolLM2 at', resolve(os.environ['KVC_SMOLLM2_GGUF']).path)" \
     2>&1 | tail -3 || echo "SmolLM2 conversion failed"
 fi
@@ -78,12 +79,12 @@ part() {
 
 # KVC_GPU_PARTS picks parts (e.g. "runtime" in one call and "scale devices heal" in the next on the same machine,
 # with KVC_GPU_RAW and KVC_GPU_WORK under /tmp, which a warm machine keeps between calls).
-PARTS=${KVC_GPU_PARTS:-runtime scale devices heal}
+PARTS=${KVC_GPU_PARTS:-runtime razor scale devices heal}
 for name in $PARTS; do
   case "$SMOKE:$name" in
-    1:runtime) part runtime 120 ;; 1:scale) part scale 240 ;; 1:devices) part devices 240 ;; 1:heal) part heal 9999 ;;
-    0:runtime) part runtime 70 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-150}" ;;
-    0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-110}" ;; 0:heal) part heal 9999 ;;
+    1:runtime) part runtime 120 ;; 1:razor) part razor 120 ;; 1:scale) part scale 240 ;; 1:devices) part devices 240 ;; 1:heal) part heal 9999 ;;
+    0:runtime) part runtime 110 ;; 0:razor) part razor 60 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-200}" ;;
+    0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-180}" ;; 0:heal) part heal 9999 ;;
     *) echo "unknown part $name" ;;
   esac
 done

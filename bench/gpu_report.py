@@ -23,7 +23,8 @@ def gib(n: float) -> str:
 def devices(d: dict) -> list[str]:
     lines = ["## 1. Every stage on `--device auto`", "", "| command | exit code | seconds |", "|---|---:|---:|"]
     for name, r in d["steps"].items():
-        label = "`pytest tests/test_devices.py` (on the GPU)" if name == "pytest" else f"`kvconvert {name}`"
+        tests = " ".join(dict.fromkeys(w.split("::")[0] for w in r.get("cmd", "").split() if w.startswith("tests/")))
+        label = f"`pytest {tests}` (on the GPU)" if name == "pytest" else f"`kvconvert {name}`"
         lines.append(f"| {label} | {r['rc']} | {r['seconds']} |")
     stages = d["steps"].get("compress", {}).get("stages")
     if stages:
@@ -61,9 +62,10 @@ def scale(d: dict) -> list[str]:
             lines.append(f"| {key} ({what}) | failed (rc {r['rc']}) after {r['seconds']} | {floor:.1f} | | 1.5 |")
         else:
             lines.append(f"| {key} ({what}) | {r['seconds']:.1f} | {floor:.1f} | {r['seconds'] / floor:.2f} | 1.5 |")
-    stages = (d.get("compress") or {}).get("stages")
-    if stages:
-        lines += ["", "compress stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
+    for key in ("calibrate", "compress"):
+        stages = (d.get(key) or {}).get("stages")
+        if stages:
+            lines += ["", f"{key} stages (s): " + ", ".join(f"{k} {v}" for k, v in stages.items())]
     lines += ["", "Wall times are of the child process (Python start-up and checkpoint loading included)."]
     for key in ("calibrate", "compress"):
         r = d.get(key)
@@ -95,6 +97,7 @@ def runtime(d: dict) -> list[str]:
             f"{c['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x | {gib(b['peak_bytes'])} | "
             f"{gib(c['peak_bytes'])} | {b['peak_bytes'] / c['peak_bytes']:.2f}x |"
         )
+    lines += graphed_table(d.get("graphed", {}))
     bud = d.get("budget", {})
     if "3" in bud and "1" in bud:
         b3, b1 = bud["3"]["largest_batch"], bud["1"]["largest_batch"]
@@ -103,6 +106,54 @@ def runtime(d: dict) -> list[str]:
             f"Largest batch at {bud['3']['context']} tokens of context inside {gib(bud['3']['budget_bytes'])}: "
             f"3 KV heads {b3}, 1 KV head {b1} ({b1 / max(b3, 1):.2f}x the tokens in the same memory; target 2.5x).",
         ]
+    return lines
+
+
+def graphed_table(g: dict) -> list[str]:
+    """Static cache, decode step replayed as a CUDA graph (host out of the step), beside the eager step."""
+    if "3" not in g or "1" not in g:
+        return []
+    lines = [
+        "",
+        "Stock `StaticCache`, the step's mask kept on the GPU, one decode step captured as a CUDA graph and replayed "
+        "(bench/static_decode.py; torch's own SDPA choice); eager = the same step without the graph.",
+        "",
+        "| batch | context | 3 KV: eager ms | 1 KV: eager ms | 3 KV: graph tok/s | 1 KV: graph tok/s | speed-up |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, c in zip(g["3"], g["1"], strict=False):
+        if "error" in b or "error" in c:
+            err = b.get("error") or c.get("error")
+            lines.append(f"| {b['batch']} | {b['context']} | failed: {err[:120]} | | | | |")
+            continue
+        eager = f"| {b['batch']} | {b['context']} | {b['eager_step_ms']:.1f} | {c['eager_step_ms']:.1f} |"
+        if "graph_tokens_per_s" not in b or "graph_tokens_per_s" not in c:
+            lines.append(eager + " | | |")
+            continue
+        tb, tc = b["graph_tokens_per_s"], c["graph_tokens_per_s"]
+        lines.append(eager + f" {tb:,.0f} | {tc:,.0f} | {tc / tb:.2f}x |")
+    return lines
+
+
+def razor(d: dict) -> list[str]:
+    lines = [
+        "## 5. RazorAttention cache against `DynamicCache` (SmolLM2-135M shapes, random bf16 weights)",
+        "",
+        f"{d['retrieval_heads']} of {d['of_heads']} KV heads whole, the rest sinks + window + compensation token (the "
+        "runtime's default rule); prompt prefilled in chunks of 2048, then greedy decode; peak over both.",
+        "",
+        "| batch | context | cache | decode tok/s | step ms | KV held | peak | prefill s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["points"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['context']} | {r['kind']} | failed: {r['error'][:100]} | | | | |")
+            continue
+        peak = gib(r["peak_bytes"]) if r.get("peak_bytes") else ""
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['kind']} | {r['decode_tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
+            f"{gib(r['cache_bytes'])} | {peak} | {r['prefill_seconds']} |"
+        )
     return lines
 
 
@@ -128,8 +179,12 @@ def heal(d: dict) -> list[str]:
 def main() -> None:
     cmd = (RAW / "command.txt").read_text().strip() if (RAW / "command.txt").exists() else "?"
     lines = ["# GPU results", "", "Run: `bench/gpu.sh` (see docs/gpu.md). Recorded:", "", "```", cmd, "```", ""]
+    notes = RAW / "notes.md"  # what a person adds to a run: how it was called, what it showed, what changed since
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
     any_smoke = False
-    for name, render in (("devices", devices), ("scale", scale), ("runtime", runtime), ("heal", heal)):
+    parts = (("devices", devices), ("scale", scale), ("runtime", runtime), ("heal", heal), ("razor", razor))
+    for name, render in parts:
         d = load(name)
         if d is None:
             lines += [f"## {name}: no result (the part failed or was skipped; see the log)", ""]

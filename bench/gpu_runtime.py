@@ -3,19 +3,18 @@
 Random bf16 weights (speed and memory do not depend on them). Each point fills a stock transformers `DynamicCache`
 with `context` random tokens per sequence (what a prefill leaves), then times greedy decode steps of the stock
 model (`model(input_ids, past_key_values=...)`, no attention mask, so transformers' SDPA path runs with
-`enable_gqa` and never copies KV heads). Peak = `torch.cuda.max_memory_allocated` over the decode steps
-(model + cache + the step's temporaries). The budget search finds, per model, the largest batch at a fixed
-context whose decode steps run inside a fixed memory cap (`torch.cuda.set_per_process_memory_fraction`).
-
-Why not a static cache here: a `StaticCache` needs an attention mask (unfilled slots), and with a mask
-transformers 5.x's SDPA integration repeats the KV heads to the query-head count before attention
-(`use_gqa_in_sdpa` is false), which hides most of what fewer KV heads save in bandwidth.
+`enable_gqa` and never copies KV heads), on the fastest fused SDPA backend of a probe. Peak =
+`torch.cuda.max_memory_allocated` over the decode steps (model + cache + the step's temporaries). The same point is
+then decoded on a stock `StaticCache` with the step replayed as a CUDA graph (`graphed`, bench/static_decode.py):
+eager steps there are bound by the host, graph replays by the GPU. The budget search finds, per model, the largest
+batch at a fixed context whose decode steps run inside a fixed memory cap (`set_per_process_memory_fraction`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -90,13 +89,67 @@ def decode(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict
     }
 
 
-def fused_attention():
-    """Only fused SDPA kernels (flash, cuDNN, memory-efficient) on CUDA: the math fallback would copy KV heads."""
-    if not torch.cuda.is_available():
-        return contextlib.nullcontext()
+@torch.no_grad()
+def graphed(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict:
+    """Decode on a `StaticCache` (bench/static_decode.py): the step eagerly (`warmup` steps: host-bound), then
+    captured as a CUDA graph and replayed `steps` times (GPU-bound). On CPU only the eager steps are timed."""
+    from bench.static_decode import StaticDecoder
+
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    dec = StaticDecoder(model, batch, context, warmup + steps + 2)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        dec.step()
+    sync()
+    r = {"batch": batch, "context": context, "eager_step_ms": 1000 * (time.perf_counter() - t0) / warmup}
+    if cuda:
+        dec.graph(warmup=1)  # one more eager step on a side stream, then the capture (which runs nothing)
+        dec.replay()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.replay()
+        sync()
+        seconds = time.perf_counter() - t0
+        r |= {"graph_step_ms": 1000 * seconds / steps, "graph_tokens_per_s": batch * steps / seconds}
+    r |= {"cache_bytes": dec.cache_bytes(), "peak_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None}
+    del dec
+    return r
+
+
+BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+"""Fused SDPA kernels; the math fallback would copy KV heads. On the first H200 run (torch 2.11, all three allowed)
+every decode step took ~65 ms whatever the cache size; one suspect is cuDNN, which can build a graph for each new
+key length, i.e. every decode step. So the backend is now chosen by timing each one at a probe point."""
+
+
+def attention_backend(dev: torch.device, dtype: torch.dtype) -> tuple[Callable, str, dict]:
+    """(context factory, name, probe step ms per backend): the fastest fused SDPA backend for 1-KV-head decode."""
+    if dev.type != "cuda":
+        return contextlib.nullcontext, "CPU", {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    model = build(1, dev, dtype)
+    batch, context = (2, 64) if SMOKE else (16, 4096)
+    probe: dict = {}
+    for name in (*BACKENDS, "torch's choice"):
+        ctx = contextlib.nullcontext() if name not in BACKENDS else sdpa_kernel([getattr(SDPBackend, name)])
+        try:
+            with ctx:
+                probe[name] = round(decode(model, batch, context, steps=3, warmup=2)["step_ms"], 3)
+        except RuntimeError as exc:
+            probe[name] = "failed: " + str(exc).splitlines()[0][:160]
+        torch.cuda.empty_cache()
+    del model
+    timed = {n: t for n, t in probe.items() if n in BACKENDS and isinstance(t, float)}
+    if not timed:
+        return contextlib.nullcontext, "torch's choice (no fused backend ran)", probe
+    best = min(timed, key=timed.__getitem__)
+    return (lambda: sdpa_kernel([getattr(SDPBackend, best)])), best, probe
 
 
 def fits(model, batch: int, context: int, budget: int) -> bool:
@@ -131,18 +184,13 @@ def main() -> None:
     total = torch.cuda.get_device_properties(0).total_memory if dev.type == "cuda" else None
     result: dict = {"shapes": TINY if SMOKE else SHAPES, "dtype": str(dtype), "points": {}, "budget": {}}
     t_end = time.time() + left(150)
-    attention = fused_attention
-    try:  # does the stock GQA decode path run on a fused kernel here? else measure with what torch picks
-        with fused_attention():
-            decode(build(1, dev, dtype), 2, 256, steps=1, warmup=1)
-        result["sdpa"] = "fused kernels only (flash / cuDNN / memory-efficient)" if dev.type == "cuda" else "CPU"
-    except RuntimeError as exc:
-        attention = contextlib.nullcontext
-        result["sdpa"] = f"torch's choice (fused-only failed: {str(exc).splitlines()[0][:200]})"
+    attention, name, probe = attention_backend(dev, dtype)
+    result["sdpa"] = f"{name} (fastest 1-KV decode step at the probe point; ms per step: {probe})" if probe else name
+    result["sdpa_probe_ms"] = probe
     print("sdpa:", result["sdpa"], flush=True)
     for kv in (3, 1):
         model = build(kv, dev, dtype)
-        rows = []
+        rows, graphs = [], []
         for batch, context in grid:
             if time.time() > t_end - 20:
                 print("runtime: out of time, skipping the rest of the grid", flush=True)
@@ -155,7 +203,16 @@ def main() -> None:
                 torch.cuda.empty_cache()
             print(f"kv={kv} {r}", flush=True)
             rows.append(r)
+            try:  # the same point on a static cache, the step replayed as a CUDA graph (torch's SDPA choice)
+                g = graphed(model, batch, context, steps=4 if SMOKE else 20)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                g = {"batch": batch, "context": context, "error": str(exc).splitlines()[0][:300]}
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"kv={kv} static+graph {g}", flush=True)
+            graphs.append(g)
         result["points"][str(kv)] = rows
+        result.setdefault("graphed", {})[str(kv)] = graphs
         save("runtime", result)
         if total is not None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))

@@ -26,6 +26,16 @@ def stage_times(text: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"│ (\w+)\s+│\s+([\d.]+) │", text)}
 
 
+def calibrate_times(text: str) -> dict[str, float]:
+    """From `kvconvert calibrate`'s output: the layer pass (its progress line) and the command's own clock."""
+    out = {}
+    if m := re.search(r"calibrating \(layers\): done, \d+/\d+ in (\d+):(\d+)", text):
+        out["layer_pass"] = 60 * int(m.group(1)) + int(m.group(2))
+    if m := re.search(r"process\(es\), ([\d.]+)s", text):
+        out["command"] = float(m.group(1))
+    return out
+
+
 def random_checkpoint(out: Path, s: dict, dev: torch.device, shard: str = "5GB") -> int:
     """A random bf16 Llama checkpoint (SmolLM2's tokenizer and vocabulary), generated on `dev`, shard by shard."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -176,6 +186,7 @@ def main() -> None:
         str(stats),
     ]
     r = run(cal, work / "calibrate.log", left(300) - 5)
+    r["stages"] = calibrate_times(r["log"])
     del r["log"]
     result["calibrate"] = r
     save("scale", result)

@@ -86,7 +86,7 @@ def accumulate(
     offload_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> None:
-    """Sum x and x xᵀ (float64) of every layer's attention input over `windows` (n, seq_len), one layer in memory.
+    """Sum x and x xᵀ (float64) of every layer's attention input over `windows` (n, seq_len), layer by layer.
 
     `on_layer(layer, sum_x (h,), packed sum_xx)` receives each layer's sums as soon as the layer is done.
     """

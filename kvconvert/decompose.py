@@ -21,8 +21,16 @@ from kvconvert.merge.qknorm import key_maps, with_norm_key_maps
 from kvconvert.plan import CompressionPlan, LayerPlan, NewHead
 
 GROUPINGS = get_args(Grouping)
-PLAN_WORKERS = 8
+PLAN_WORKERS = 16
 QK_NORM_MERGES = ("normalised", "linear")  # QK-norm families: norm-carried key maps, or the method's maps as is
+
+
+def plan_threads(cores: int, layers: int) -> tuple[int, int]:
+    """(workers, CPU threads per worker) for planning `layers` layers on `cores` threads: workers x threads never
+    exceeds `cores`. A worker thread otherwise opens an OpenMP team of every core for each eigen-solve: 8 workers
+    on 16 cores ran 128 threads, and a 7B-shaped layer took 30 s, about 3 s on one thread (docs/results/gpu.md)."""
+    workers = max(1, min(PLAN_WORKERS, cores, layers))
+    return workers, max(1, cores // workers)
 
 
 def group_problem(
@@ -172,11 +180,11 @@ def decompose(
     if coherence is None:
         coherence = torch.zeros(geom.rotary_dim // 2, dtype=torch.float64)
     # The grouping search and the merges are CPU eigen-solves that release the GIL: plan several layers at once
-    # (one per CPU thread torch may use, at most PLAN_WORKERS), while the next layers' moments are formed on
-    # `device`. With one thread this is the plain sequential loop.
-    workers = max(1, min(PLAN_WORKERS, torch.get_num_threads(), geom.num_layers))
+    # (`plan_threads`: workers x their own OpenMP threads <= torch's thread count), while the next layers' moments
+    # are formed on `device`. With one thread this is the plain sequential loop.
+    workers, per_worker = plan_threads(torch.get_num_threads(), geom.num_layers)
     layers: list[LayerPlan | None] = [None] * geom.num_layers
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
         pending: dict[Future, int] = {}
         for layer in range(geom.num_layers):
             second, mean = moments_of(layer)

@@ -1,7 +1,9 @@
-"""Run a checkpoint one decoder layer at a time: each layer is loaded from its shards, used, and freed.
+"""Run a checkpoint one decoder layer at a time: each layer is loaded from its shards, used, and freed, while the
+next one is read from disk on a thread (`LayerRunner(prefetch=True)`, the default).
 
 The hidden states of all calibration windows stay between layers (on the device, in host memory, or in a
-disk-backed file when they do not fit), so peak memory is about one layer plus those hidden states.
+disk-backed file when they do not fit), so peak memory is about two layers' weights (the one in use and the one
+read ahead, in host memory) plus those hidden states.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import copy
 import inspect
 import os
 import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -64,10 +69,12 @@ class HiddenStore:
 class LayerRunner:
     """Embeds token windows and applies the checkpoint's decoder layers one at a time, as transformers would."""
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, prefetch: bool = True):
+        """`prefetch`: read the next layer while the current one runs (two layers' weights in host memory)."""
         from transformers import AutoModelForCausalLM
 
-        self.ckpt, self.device, self.dtype = ckpt, device, dtype
+        self.ckpt, self.device, self.dtype, self.prefetch = ckpt, device, dtype, prefetch
+        self._ahead: dict[int, Future] = {}
         config = copy.deepcopy(ckpt.config)
         self.config = config
         for impl in ("sdpa", "eager"):  # eager where a family needs it (Gemma 2's attention soft-capping)
@@ -97,12 +104,28 @@ class LayerRunner:
                 x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
             store.write(start, x.to(self.dtype))
 
-    def load(self, layer: int) -> nn.Module:
-        """Decoder layer `layer` with its weights, on the device, in the compute dtype."""
-        module = self.layers[layer]
+    def read(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer `layer`'s tensors as stored (names with the layer prefix), read into memory in the compute dtype."""
         prefix = f"{self._prefix}{layer}."
         names = [n for n in self.ckpt.tensors.names() if n.startswith(prefix)]
-        state = {n[len(prefix) :]: self.ckpt.tensors.get(n).to(self.device, self.dtype) for n in names}
+        return {n: self.ckpt.tensors.get(n).to(dtype=self.dtype, copy=True) for n in names}
+
+    def read_ahead(self, layer: int) -> None:
+        """Start reading layer `layer` on a background thread (once; a layer out of range is ignored)."""
+        if 0 <= layer < len(self.layers) and layer not in self._ahead:
+            self._ahead[layer] = read_in_background(self.read, layer)
+
+    def load(self, layer: int) -> nn.Module:
+        """Decoder layer `layer` with its weights, on the device, in the compute dtype. With `prefetch`, the next
+        layer is read from disk while this one works (the reads then overlap the computation)."""
+        module = self.layers[layer]
+        prefix = f"{self._prefix}{layer}."
+        ahead = self._ahead.pop(layer, None)
+        stored = ahead.result() if ahead is not None else self.read(layer)
+        if self.prefetch:
+            self.read_ahead(layer + 1)
+        state = {n[len(prefix) :]: t.to(self.device) for n, t in stored.items()}
+        del stored
         if set(state) != set(module.state_dict()):  # stored in another format (MoE experts): let transformers convert
             state = converted_layer_state(self.config, layer, state, prefix)
             state = {n: t.to(self.device, self.dtype) for n, t in state.items()}
@@ -111,6 +134,8 @@ class LayerRunner:
 
     def free(self, layer: int) -> None:
         self.layers[layer].to_empty(device="meta")
+        for stale in [i for i in self._ahead if i <= layer]:  # read ahead but never loaded
+            del self._ahead[stale]
 
     def context(self, hidden: torch.Tensor, layer: int) -> dict:
         """Keyword arguments a decoder layer needs for a batch of full windows (no padding)."""
@@ -138,6 +163,21 @@ class LayerRunner:
     def forward(self, module: nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         out = module(hidden, **self.context(hidden, layer), **self.ckpt.family.layer_kwargs)
         return out[0] if isinstance(out, tuple) else out  # Falcon's layers return (hidden, ...)
+
+
+def read_in_background(read: Callable[[int], dict[str, torch.Tensor]], layer: int) -> Future:
+    """`read(layer)` on a daemon thread; its result (or error) in the returned future. Reading tensors is page
+    faults and copies, which release the GIL, so it overlaps the caller's computation."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(read(layer))
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name=f"kvconvert-read-layer-{layer}", daemon=True).start()
+    return future
 
 
 def converted_layer_state(config, layer: int, state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

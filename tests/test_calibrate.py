@@ -139,3 +139,35 @@ def test_self_sampling_by_batches_matches_one_pass(tiny_llama):
     whole = sample_windows(model, tok, 5, 12, 2, seed=3)
     parts = [sample_windows(model, tok, 5, 12, 2, seed=3, spans=[span]) for span in [(0, 2), (2, 4), (4, 5)]]
     assert torch.equal(torch.cat(parts), whole)
+
+
+def test_layers_read_ahead_are_the_layers_loaded_and_errors_reach_the_loader(tiny_llama):
+    """With prefetch the next layer is read on a thread while the current one runs; what `load` returns is the
+    same, and a read that fails in the background fails the `load` of that layer."""
+    from kvconvert.streaming import LayerRunner
+
+    ckpt = resolve(tiny_llama)
+    plain = LayerRunner(ckpt, CPU, torch.float32, prefetch=False)
+    ahead = LayerRunner(ckpt, CPU, torch.float32)
+    n = len(plain.layers)
+    for layer in range(n):
+        want = {k: v.clone() for k, v in plain.load(layer).state_dict().items()}
+        got = ahead.load(layer).state_dict()
+        assert set(ahead._ahead) == ({layer + 1} if layer + 1 < n else set())
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        plain.free(layer)
+        ahead.free(layer)
+    assert not ahead._ahead
+
+    broken = LayerRunner(ckpt, CPU, torch.float32)
+    read = broken.read
+
+    def failing(layer):
+        if layer == 1:
+            raise KVConvertError("shard truncated")
+        return read(layer)
+
+    broken.read = failing
+    broken.load(0)
+    with pytest.raises(KVConvertError, match="shard truncated"):
+        broken.load(1)

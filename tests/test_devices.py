@@ -55,6 +55,32 @@ def test_decompose_in_parallel_threads_matches_sequential():
             assert torch.equal(ha.merge.value_decoder, hb.merge.value_decoder)
 
 
+def test_planning_threads_never_oversubscribe_the_cores(monkeypatch):
+    """Each planning worker runs its eigen-solves on its share of torch's threads, not on every core: workers x
+    threads per worker <= torch.get_num_threads() (8 workers x 16 OpenMP threads made a 7B layer 15x slower)."""
+    from kvconvert import decompose as dec
+
+    assert dec.plan_threads(16, 32) == (16, 1) and dec.plan_threads(4, 2) == (2, 2) and dec.plan_threads(1, 9) == (1, 1)
+    geom = AttentionGeometry(64, 4, 8, 8, 16, 8)
+    weights = [layer_with_copies(geom, [0, 1, 2, 1, 3, 0, 3, 2], biases=False) for _ in range(4)]
+    stats = [moments(64, 300, seed=i) for i in range(4)]
+    real, seen = dec.plan_layer, []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dec, "plan_layer", recording)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        decompose(stats.__getitem__, weights.__getitem__, geom, 4, "weighted")
+    finally:
+        torch.set_num_threads(threads)
+    workers, per = dec.plan_threads(2, 4)
+    assert len(seen) == 4 and set(seen) == {per} and workers * per <= 2
+
+
 def test_progress_prints_lines_when_stderr_is_no_terminal(capsys):
     """Logs and pipes (a GPU job's output) see a long stage's progress; rich bars would stay blank there."""
     with RichProgress(line_every=0.0) as progress:

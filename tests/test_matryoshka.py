@@ -32,8 +32,9 @@ from kvconvert.matryoshka.search import (
 from kvconvert.matryoshka.train import TrainConfig, train_projections
 from kvconvert.modeling import load_tokenizer
 from kvconvert.runtime.matryoshka import MatryoshkaRuntime, matryoshka_runtime
+from kvconvert.runtime.matryoshka_attention import HeadProjections, attention_modules
 from kvconvert.textdata import iter_texts
-from tests.tiny import make_model
+from tests.tiny import DEVICES, make_model
 
 _register()
 LAYERS, KV, D = 2, 2, 16
@@ -80,10 +81,12 @@ def test_full_rate_reproduces_the_original_logits_with_and_without_the_cache(tin
     assert torch.allclose(torch.cat([first, rest], 1), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_cached_decoding_at_mixed_rates_matches_the_masked_full_pass_and_really_cuts(tiny):
-    model = fresh(tiny)
-    ids = ids_for(model, seed=1)
+def test_cached_decoding_at_mixed_rates_matches_the_masked_full_pass_and_really_cuts(tiny, device):
+    """On every device there is: the runtime's projections (made on the CPU) follow the model's device."""
+    model = fresh(tiny).to(device)
+    ids = ids_for(model, seed=1).to(device)
     ref = model(ids).logits
     rt = MatryoshkaRuntime(random_projections().with_rates(MIXED_K, MIXED_V))
     rt.attach(model)
@@ -94,6 +97,31 @@ def test_cached_decoding_at_mixed_rates_matches_the_masked_full_pass_and_really_
         steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     assert torch.allclose(torch.cat(steps, 1), masked, atol=1e-5)
     assert (masked - ref).abs().max() > 1e-2  # the cut changes the model: the check above is not vacuous
+
+
+def test_cached_rate_groups_follow_the_bases_to_another_device():
+    """CPU-checkable form of the GPU case below: groups cut on one device are not reused once the bases moved."""
+    p = random_projections()
+    hp = HeadProjections(p.key_basis[0], p.value_basis[0], MIXED_K[0], MIXED_V[0])
+    assert hp.groups(torch.float32)[0].key_basis.device.type == "cpu"
+    hp.to("meta")
+    assert all(g.key_basis.device.type == "meta" and g.heads.device.type == "meta" for g in hp.groups(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_a_model_moved_after_a_forward_pass_uses_projections_on_its_new_place(tiny, device):
+    """The per-rate groups cut from the bases are cached; moving (or casting) the model must not reuse stale ones."""
+    model = fresh(tiny)
+    rt = MatryoshkaRuntime(random_projections().with_rates(MIXED_K, MIXED_V))
+    rt.attach(model)
+    ids = ids_for(model, seed=2)
+    want = model(ids, use_cache=False).logits.double()
+    model.to(device=device, dtype=torch.float64)
+    got = model(ids.to(device), use_cache=False).logits
+    groups = attention_modules(model)[0].matryoshka.groups(torch.float64)
+    assert got.dtype == torch.float64 and groups[0].key_basis.device.type == device
+    assert torch.allclose(got.cpu(), want, atol=1e-4)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +15,7 @@ from kvconvert.runtime import runtime_for
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
 from kvconvert.runtime.razor_cache import RazorLayer
 from kvconvert.runtime.razor_policy import RazorPolicy
+from tests.tiny import DEVICES
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +66,21 @@ def _sink_window_mask(length: int, sinks: int, window: int) -> torch.Tensor:
     return (i[None, :] <= i[:, None]) & ((i[None, :] < sinks) | (i[None, :] > i[:, None] - window))
 
 
-def test_windowed_heads_match_a_direct_masked_computation(llama):
-    """All heads windowed, no compensation: the same logits as full attention under a sink + window mask."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_windowed_heads_match_a_direct_masked_computation(llama, device):
+    """All heads windowed, no compensation: the same logits as full attention under a sink + window mask, on
+    every device there is (the cache and the attention function follow the model's device)."""
+    model = llama if device == "cpu" else copy.deepcopy(llama).to(device)
     rt = runtime_from_policy(
-        llama, policy_for(llama, [[], []], sinks=2, window_floor=6, window_fraction=0.0, compensation=False)
+        model, policy_for(model, [[], []], sinks=2, window_floor=6, window_fraction=0.0, compensation=False)
     )
-    rt.attach(llama)
-    ids = _ids(2, 40)
+    rt.attach(model)
+    ids = _ids(2, 40).to(device)
+    mask = _sink_window_mask(40, 2, 6)[None, None].expand(2, 1, 40, 40).to(device)
     with torch.no_grad():
-        ref = llama(input_ids=ids, attention_mask=_sink_window_mask(40, 2, 6)[None, None].expand(2, 1, 40, 40)).logits
+        ref = model(input_ids=ids, attention_mask=mask).logits
     for chunk in (1, 7, 40):
-        assert torch.allclose(_chunked(llama, ids, rt.new_cache(), chunk), ref, atol=1e-5, rtol=0)
+        assert torch.allclose(_chunked(model, ids, rt.new_cache(), chunk), ref, atol=1e-5, rtol=0)
 
 
 @settings(max_examples=8, deadline=None)

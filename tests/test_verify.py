@@ -15,8 +15,7 @@ from kvconvert.errors import KVConvertError
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
 from kvconvert.stats import CalibrationStats, pack
 from kvconvert.verify import converted_in_memory, layerwise_logits, verify, verify_streamed
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from tests.tiny import DEVICES
 
 
 @pytest.fixture(scope="module")

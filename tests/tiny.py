@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""Devices the device-parametrised tests run on: the CPU, and the GPU where there is one (bench/gpu.sh)."""
+
 WORDS = [
     "cache",
     "head",

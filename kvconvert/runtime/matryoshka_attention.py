@@ -80,9 +80,12 @@ class HeadProjections(nn.Module):
         self._groups = None
 
     def groups(self, dtype: torch.dtype) -> list[Group]:
-        """Heads grouped by (key rate, value rate); cached while the bases are fixed."""
-        if self._groups is not None and self.key_skew is None and self._groups[0].key_basis.dtype == dtype:
-            return self._groups
+        """Heads grouped by (key rate, value rate); cached while the bases are fixed (and stay on their device: a
+        model moved to another device after a forward pass must not read the groups cut on the old one)."""
+        cached = self._groups
+        fixed = cached is not None and self.key_skew is None
+        if fixed and (cached[0].key_basis.dtype, cached[0].key_basis.device) == (dtype, self.key_base.device):
+            return cached
         pk, pv = (b.to(dtype) for b in self.bases())
         by_rate: dict[tuple[int, int], list[int]] = {}
         for h, pair in enumerate(zip(self.key_rates, self.value_rates, strict=True)):
