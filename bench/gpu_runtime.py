@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from bench.gpu_common import SMOKE, device, left, save, sync
+from bench.razor_speed import cache_bytes
 
 SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
 TINY = dict(vocab_size=512, hidden_size=72, intermediate_size=128, num_hidden_layers=2, num_attention_heads=9)
@@ -73,9 +74,9 @@ def decode(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict
         pos = pos + 1
     sync()
     seconds = time.perf_counter() - t0
-    cache_bytes = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+    held = cache_bytes(cache)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else model_bytes + cache_bytes
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else model_bytes + held
     del cache, out
     return {
         "batch": batch,
@@ -83,7 +84,7 @@ def decode(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict
         "steps": steps,
         "decode_tokens_per_s": batch * steps / seconds,
         "step_ms": 1000 * seconds / steps,
-        "cache_bytes": cache_bytes,
+        "cache_bytes": held,
         "peak_bytes": peak,
         "peak_kind": "cuda_max_memory_allocated" if dev.type == "cuda" else "model + cache bytes (CPU)",
     }
@@ -116,7 +117,7 @@ def graphed(model, batch: int, context: int, steps: int, warmup: int = 2) -> dic
         sync()
         seconds = time.perf_counter() - t0
         r |= {"graph_step_ms": 1000 * seconds / steps, "graph_tokens_per_s": batch * steps / seconds}
-    r |= {"cache_bytes": dec.cache_bytes(), "peak_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None}
+    r |= {"cache_bytes": cache_bytes(dec.cache), "peak_bytes": torch.cuda.max_memory_allocated(dev) if cuda else None}
     del dec
     return r
 

@@ -36,9 +36,6 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None
         self._graph = None
 
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for lay in self.cache.layers for t in (lay.keys, lay.values))
-
     @torch.no_grad()
     def step(self) -> None:
         """One greedy token: open the next slot, run the model, feed its argmax back; all on the device."""

@@ -3,6 +3,7 @@
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from bench.razor_speed import cache_bytes
 from bench.static_decode import StaticDecoder
 
 
@@ -32,4 +33,4 @@ def test_static_decode_steps_match_dynamic_cache_decoding():
         torch.testing.assert_close(dec.logits, want, rtol=1e-4, atol=1e-4)
         tok, pos = want.argmax(-1, keepdim=True), pos + 1
         assert torch.equal(dec.tok, tok)
-    assert int(dec.slot) == 24 and dec.cache_bytes() == 2 * 2 * 3 * 2 * 24 * 8 * 4
+    assert int(dec.slot) == 24 and cache_bytes(dec.cache) == 2 * 2 * 3 * 2 * 24 * 8 * 4
