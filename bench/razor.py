@@ -2,7 +2,9 @@
 
     PYTHONPATH=. python -m bench.razor --model smollm2 --profile PROFILE.json --contexts 2048,4096 --depths 0.2,0.8
 
-Methods (same chunked prefill, same decode loop): full (every token), razor (profile's retrieval heads full,
+Passkey prompts are read at once by default (`--prompt-chunk 0`, as `generate` does) and the key decoded through
+the cache; perplexity reads `--ppl-prompt` tokens at once and scores the rest as if decoded. Methods (same
+prompt reading, same decode loop): full (every token), razor (profile's retrieval heads full,
 others sink + window + compensation), windowed (StreamingLLM: every head sink + window, no compensation) and
 random (as many retrieval heads as razor, chosen at random). Prints a table and writes docs/results/razor.md.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kvconvert.evaluation.longcontext import greedy, nll, passkey_prompt, ppl, prefill, random_key
+from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_prompt, ppl, random_key
 from kvconvert.razor.tiers import parse_tiers, tiered_heads
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
 
@@ -55,6 +57,7 @@ def run(args) -> dict:
         rule["compensation"] = False
     if args.compensation_bias:
         rule["compensation_bias"] = True
+    rule["prompt_attention"] = args.prompt_attention
     retrieval = top(profile, args.top) if args.top else profile["retrieval"]
     if args.tiers:  # the next heads of the ranking get wider windows (per-head window fractions)
         n_kv, layers = model.config.num_key_value_heads, len(profile["retrieval"])
@@ -74,7 +77,7 @@ def run(args) -> dict:
                 ids = passkey_prompt(tok, ctx, depth, key)
                 for name, rt in runtimes.items():
                     t0 = time.process_time()
-                    answer = tok.decode(greedy(model, ids, rt.new_cache(), args.chunk, args.digits + 1)[0])
+                    answer = tok.decode(greedy(model, ids, rt.new_cache(), args.prompt_chunk, args.digits + 1)[0])
                     rows.append(
                         {
                             "task": "passkey",
@@ -94,7 +97,7 @@ def run(args) -> dict:
         for name, rt in runtimes.items():
             cache = rt.new_cache()
             t0 = time.process_time()
-            total, count = nll(prefill(model, ids, cache, args.chunk), ids, args.ppl_skip)
+            total, count = nll(continuation_logits(model, ids, cache, args.chunk, args.ppl_prompt), ids, args.ppl_skip)
             prefill_cpu = time.process_time() - t0
             held = cache.storage_bytes()
             nxt, t0, w0 = ids[:, -1:], time.process_time(), time.perf_counter()
@@ -120,7 +123,8 @@ def run(args) -> dict:
             )
             print(json.dumps(rows[-1]), flush=True)
     res = {"model": args.model, "profile": args.profile, "rule": rule, "chunk": args.chunk, "rows": rows}
-    res |= {"tiers": args.tiers, "passkey_seed": args.seed}
+    res["prompt_chunk"] = args.prompt_chunk
+    res |= {"tiers": args.tiers, "passkey_seed": args.seed, "ppl_prompt": args.ppl_prompt, "ppl_skip": args.ppl_skip}
     return res | {"retrieval_heads": sum(map(len, retrieval))}
 
 
@@ -147,13 +151,28 @@ def main() -> None:
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.2, 0.8])
     ap.add_argument("--trials", type=int, default=1)
     ap.add_argument("--digits", type=int, default=6)
-    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=512, help="Chunk length when scoring text (perplexity).")
+    ap.add_argument(
+        "--prompt-chunk", type=int, default=0, help="Passkey prompts read in chunks of N (0: at once, as generate)."
+    )
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window-floor", type=int, default=256)
     ap.add_argument("--window-fraction", type=float, default=0.1)
     ap.add_argument("--ppl-text", default="")
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--ppl-skip", type=int, default=512)
+    ap.add_argument(
+        "--ppl-prompt",
+        type=int,
+        default=0,
+        help="Read the text's first N tokens at once as a prompt, score the rest as decoded (use --ppl-skip N).",
+    )
+    ap.add_argument(
+        "--prompt-attention",
+        choices=["window", "full"],
+        default="full",
+        help="What a prompt chunk sees in windowed heads: its own windows, or all held (RazorAttention's order).",
+    )
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--top", type=int, default=0, help="Retrieval heads: the first N of the profile's ranking.")
     ap.add_argument(

@@ -100,7 +100,7 @@ def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict:
     """`kvconvert eval` per `req`: the report of `kvconvert.evaluation.evaluate`."""
     from kvconvert.evaluation import evaluate
 
-    return evaluate(req.model, **req.model_dump(exclude={"model", "cache"}), progress=progress)
+    return evaluate(req.model, **req.model_dump(exclude={"model", "cache", "cache_prompt"}), progress=progress)
 
 
 def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult:

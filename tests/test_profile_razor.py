@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -155,3 +156,30 @@ def test_profile_never_replaces_a_file_it_was_not_told_to(tmp_path, tiny_llama):
         json.loads(out.read_text())["num_kv_heads"]
         == json.loads((ckpt / "config.json").read_text())["num_key_value_heads"]
     )
+
+
+def test_eval_cache_scores_the_continuation_after_a_prompt(tmp_path, tiny_llama):
+    """prompt_fraction: each window's first half is read at once as a prompt, only the rest is scored (the full
+    row equals the stock model's loss on those positions), and razor differs there (the window is 8 tokens)."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvconvert.evaluation.cached import evaluate_cache
+    from kvconvert.razor.store import SCHEMA
+
+    profile = tmp_path / "p.json"
+    runtime = {"sinks": 2, "window_floor": 8, "window_fraction": 0.0, "prompt_attention": "full"}
+    profile.write_text(json.dumps({"schema": SCHEMA, "retrieval": [[0], []], "runtime": runtime}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    windows = torch.randint(5, 300, (2, 64), generator=torch.Generator().manual_seed(1))
+    spec = f"razor:{profile}"
+    report = evaluate_cache(model, tok, spec, windows, [], chunk=16, prompt_fraction=0.5)
+    assert report["prompt_tokens"] == 32
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        logits = model(windows).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, 32:-1].flatten(0, 1), windows[:, 33:].flatten())
+    assert report["methods"]["full"]["perplexity"] == pytest.approx(math.exp(float(ce)), rel=1e-4)
+    assert abs(report["methods"][spec]["perplexity"] - report["methods"]["full"]["perplexity"]) > 1e-3

@@ -33,7 +33,9 @@ def _ids(length: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3])
 def test_window_mask_is_the_runtime_window(fraction):
-    policy = RazorPolicy(((),), num_kv_heads=1, head_dim=4, sinks=3, window_floor=5, window_fraction=fraction)
+    policy = RazorPolicy(
+        ((),), num_kv_heads=1, head_dim=4, sinks=3, window_floor=5, window_fraction=fraction, prompt_attention="window"
+    )
     (group,) = RazorLayer(policy, 0, num_query_heads=1).groups
     group.device = torch.device("cpu")
     assert torch.equal(window_mask(60, 3, 5, fraction), group._window_mask(0, 60))
@@ -45,7 +47,7 @@ def test_copy_loss_is_the_runtime_loss_with_those_heads_windowed(llama):
     windowed = torch.tensor([[False, True, False, False], [True, False, True, True]])
     full, ablated = copy_losses(llama, ids, first, [torch.zeros_like(windowed), windowed], RULE)
     retrieval = [torch.nonzero(~row).flatten().tolist() for row in windowed]
-    rt = runtime_from_policy(llama, policy_for(llama, retrieval, **RULE, compensation=False))
+    rt = runtime_from_policy(llama, policy_for(llama, retrieval, **RULE, compensation=False, prompt_attention="window"))
     rt.attach(llama)
     try:
         with torch.no_grad():

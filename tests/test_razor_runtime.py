@@ -68,11 +68,15 @@ def _sink_window_mask(length: int, sinks: int, window: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_windowed_heads_match_a_direct_masked_computation(llama, device):
-    """All heads windowed, no compensation: the same logits as full attention under a sink + window mask, on
-    every device there is (the cache and the attention function follow the model's device)."""
+    """All heads windowed, no compensation, prompt_attention="window": the same logits as full attention under a
+    sink + window mask, on every device there is (the cache and the attention function follow the model's
+    device)."""
     model = llama if device == "cpu" else copy.deepcopy(llama).to(device)
     rt = runtime_from_policy(
-        model, policy_for(model, [[], []], sinks=2, window_floor=6, window_fraction=0.0, compensation=False)
+        model,
+        policy_for(
+            model, [[], []], sinks=2, window_floor=6, window_fraction=0.0, compensation=False, prompt_attention="window"
+        ),
     )
     rt.attach(model)
     ids = _ids(2, 40).to(device)
@@ -222,7 +226,8 @@ def test_compensation_bias_is_exact_when_the_dropped_tokens_are_equal():
     from kvconvert.runtime.razor_attention import razor_attention
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    policy = RazorPolicy(((),), 1, 8, sinks=1, window_floor=3, window_fraction=0.0, compensation_bias=True)
+    rule = dict(sinks=1, window_floor=3, window_fraction=0.0, prompt_attention="window")
+    policy = RazorPolicy(((),), 1, 8, compensation_bias=True, **rule)
     layer = RazorLayer(policy, 0, num_query_heads=2)
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(1, 1, 18, 8, generator=gen), torch.randn(1, 1, 18, 8, generator=gen)
@@ -246,3 +251,60 @@ def test_compensation_bias_is_exact_when_the_dropped_tokens_are_equal():
         k, v = plain.update(keys[..., i : i + 1, :], values[..., i : i + 1, :])
     out, _ = razor_attention(None, queries[..., 13:14, :], k, v, None, scaling=8**-0.5)
     assert not torch.allclose(out.transpose(1, 2), sdpa(queries[..., 13:14, :], kv(keys, 14), kv(values, 14)))
+
+
+def _chunk_full_mask(length: int, sinks: int, window: int, chunk: int) -> torch.Tensor:
+    """A prompt chunk under prompt_attention="full": sinks, what the head held when the chunk began (its last
+    `window` tokens), and the chunk itself, causally."""
+    pos = torch.arange(length)
+    start = (pos // chunk) * chunk  # where each query's chunk began
+    held = (pos[None, :] < start[:, None]) & ((pos[None, :] < sinks) | (pos[None, :] >= start[:, None] - window))
+    in_chunk = (pos[None, :] >= start[:, None]) & (pos[None, :] <= pos[:, None])
+    return held | in_chunk
+
+
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_full_prompt_attention_sees_everything_held_and_the_chunk(llama, chunk):
+    """prompt_attention="full": a chunk attends to all the head holds plus itself (one chunk: the full model's
+    logits, as RazorAttention compresses after the prompt); the held bytes stay the policy's."""
+    policy = policy_for(
+        llama, [[], []], sinks=2, window_floor=6, window_fraction=0.0, compensation=False, prompt_attention="full"
+    )
+    rt = runtime_from_policy(llama, policy)
+    rt.attach(llama)
+    ids = _ids(2, 40)
+    mask = _chunk_full_mask(40, 2, 6, chunk)[None, None].expand(2, 1, 40, 40)
+    cache = rt.new_cache()
+    with torch.no_grad():
+        ref = llama(input_ids=ids, attention_mask=mask).logits
+        windowed = llama(input_ids=ids, attention_mask=_sink_window_mask(40, 2, 6)[None, None].expand(2, 1, 40, 40))
+    got = _chunked(llama, ids, cache, chunk)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, windowed.logits, atol=1e-3, rtol=0)  # the mode changes what a chunk sees
+    assert cache.storage_bytes() == rt.kv_bytes(40, 2)
+    if chunk == 40:
+        with torch.no_grad():
+            dyn = llama(input_ids=ids, past_key_values=DynamicCache(config=llama.config)).logits
+        assert torch.allclose(got, dyn, atol=1e-5, rtol=0)
+
+
+def test_prompt_attention_can_switch_to_window_for_scoring(llama):
+    """A prompt read with "full", then text read with "window": the text's logits are those of decoding it
+    token by token through the same cache (without a compensation token, which a chunk reads as it began)."""
+    rule = dict(sinks=1, window_floor=5, window_fraction=0.0, compensation=False, prompt_attention="full")
+    policy = policy_for(llama, [[1], []], **rule)
+    rt = runtime_from_policy(llama, policy)
+    rt.attach(llama)
+    ids = _ids(1, 30, seed=3)
+    chunked, stepped = rt.new_cache(), rt.new_cache()
+    with torch.no_grad():
+        llama(input_ids=ids[:, :18], past_key_values=chunked)
+        llama(input_ids=ids[:, :18], past_key_values=stepped)
+        chunked.set_prompt_attention("window")
+        got = llama(input_ids=ids[:, 18:], past_key_values=chunked).logits
+        want = torch.cat([llama(input_ids=ids[:, i : i + 1], past_key_values=stepped).logits for i in range(18, 30)], 1)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prompt attention"):
+        chunked.set_prompt_attention("everything")
+    with pytest.raises(ValueError, match="prompt_attention"):
+        RazorPolicy(((0,),), num_kv_heads=2, head_dim=4, prompt_attention="all")

@@ -48,7 +48,9 @@ def _eval_cache(req) -> None:
     ckpt, dev = resolve(req.model), resolve_device(req.device)
     lm, tok = load_model(ckpt, dev, resolve_dtype(req.dtype, dev)), load_tokenizer(ckpt)
     windows = eval_windows(lm, tok, req.dataset, req.samples, req.seq_len, req.seed, 1)
-    report = evaluate_cache(lm, tok, req.cache, windows, req.contexts, new_tokens=req.new_tokens)
+    report = evaluate_cache(
+        lm, tok, req.cache, windows, req.contexts, new_tokens=req.new_tokens, prompt_fraction=req.cache_prompt
+    )
     print(json_module.dumps(report, indent=2))
 
 

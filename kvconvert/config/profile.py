@@ -10,6 +10,7 @@ from kvconvert.config.stages import Dtype, device_field, dtype_field, output_fie
 
 PROFILE, RUNTIME = "Profile", "Runtime"
 Scoring = Literal["ablation", "ablation-drop", "echo-induction"]
+PromptAttention = Literal["full", "window"]
 
 
 class ProfileConfig(StageConfig):
@@ -37,6 +38,12 @@ class ProfileConfig(StageConfig):
     sinks: int = setting(32, "First tokens every windowed head keeps.", RUNTIME, ge=0, metavar="N")
     window_floor: int = setting(256, "Smallest recent window of a windowed head.", RUNTIME, ge=1, metavar="N")
     window_fraction: float = setting(0.15, "Recent window as a fraction of the context.", RUNTIME, ge=0, le=1)
+    prompt_attention: PromptAttention = setting(
+        "full",
+        "What a prompt read in one forward pass sees in windowed heads: everything (full; RazorAttention's order: "
+        "the cache is compressed after the prompt) or each token's own window (window).",
+        RUNTIME,
+    )
     device: str = device_field(PROFILE)
     dtype: Dtype = dtype_field(PROFILE)
 
@@ -46,7 +53,7 @@ class ProfileConfig(StageConfig):
     def runtime_rule(self) -> dict:
         """The window rule stored with the profile for the runtime."""
         rule = {"sinks": self.sinks, "window_floor": self.window_floor, "window_fraction": self.window_fraction}
-        return rule | {"compensation": True}
+        return rule | {"compensation": True, "prompt_attention": self.prompt_attention}
 
 
 class ProfileRunRequest(ProfileConfig):

@@ -240,6 +240,14 @@ class EvalRequest(EvalConfig):
         "Runtime",
         metavar="KIND[:ARG]",
     )
+    cache_prompt: float = setting(
+        0.5,
+        "With --cache: read this fraction of each window at once as a prompt, score the rest as if decoded.",
+        "Runtime",
+        ge=0,
+        lt=1,
+        metavar="F",
+    )
 
     @field_validator("contexts", mode="before")
     @classmethod

@@ -1,6 +1,8 @@
 """`kvconvert eval --cache KIND[:ARG]`: perplexity, passkey retrieval, KV bytes and decode speed through a cache
-runtime (kvconvert.runtime), against the full DynamicCache on the same tokens. Prompts are read in chunks
-through the cache, so it compresses while reading (a whole-prompt prefill would answer before any eviction)."""
+runtime (kvconvert.runtime), against the full DynamicCache on the same tokens. Passkey prompts are read at once,
+as `generate` reads them, and the key's digits are decoded through the cache. Perplexity: with
+`prompt_fraction`, each window's first part is read at once as a prompt and the rest scored as if decoded;
+without, the window is read in `chunk`s and every position scored."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import time
 
 import torch
 
-from kvconvert.evaluation.longcontext import greedy, nll, passkey_prompt, ppl, prefill, random_key
+from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_prompt, ppl, prefill, random_key
 
 
 def _dynamic(model):
@@ -20,7 +22,14 @@ def _dynamic(model):
 
 @torch.no_grad()
 def evaluate_cache(
-    model, tokenizer, spec: str, windows: torch.Tensor, contexts: list[int], chunk: int = 512, new_tokens: int = 32
+    model,
+    tokenizer,
+    spec: str,
+    windows: torch.Tensor,
+    contexts: list[int],
+    chunk: int = 512,
+    new_tokens: int = 32,
+    prompt_fraction: float = 0.0,
 ) -> dict:
     """Full cache vs `spec` on `windows` (perplexity) and at each context (passkey at 3 depths, decode tok/s)."""
     from kvconvert.runtime import runtime_for
@@ -28,7 +37,8 @@ def evaluate_cache(
     original = model.config._attn_implementation
     runtime = runtime_for(spec, model)
     caches = {"full": lambda: _dynamic(model), spec: lambda: runtime.new_cache(model, 1)}
-    report: dict = {"cache": spec, "chunk": chunk, "methods": {}}
+    prompt = int(prompt_fraction * windows.shape[1])
+    report: dict = {"cache": spec, "chunk": chunk, "prompt_tokens": prompt, "methods": {}}
     for name, new_cache in caches.items():
         # the full-cache baseline runs the model's own attention (a runtime's function may cut even without its cache)
         if name == "full":
@@ -37,7 +47,7 @@ def evaluate_cache(
             runtime.attach(model)
         total = count = 0
         for row in windows:
-            t, c = nll(prefill(model, row[None], new_cache(), chunk), row[None], 0)
+            t, c = nll(continuation_logits(model, row[None], new_cache(), chunk, prompt), row[None], prompt)
             total, count = total + t, count + c
         entry = {"perplexity": ppl(total, count), "contexts": {}}
         for ctx in contexts:
@@ -45,7 +55,7 @@ def evaluate_cache(
             for depth in (0.2, 0.5, 0.8):
                 key = random_key(random.Random(ctx + int(depth * 100)), 6)
                 answer = tokenizer.decode(
-                    greedy(model, passkey_prompt(tokenizer, ctx, depth, key), new_cache(), chunk, 7)[0]
+                    greedy(model, passkey_prompt(tokenizer, ctx, depth, key), new_cache(), 0, 7)[0]
                 )
                 hits.append(key in answer)
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))

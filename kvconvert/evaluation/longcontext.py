@@ -1,5 +1,5 @@
-"""Long-context tasks for the RazorAttention benchmark: passkey retrieval and long-text perplexity, both run
-through a cache in chunks (chunked prefill), so the cache compresses while the prompt is read."""
+"""Long-context tasks for the cache runtimes: passkey retrieval and long-text perplexity through a cache, with
+the prompt read at once (as `generate` does) or in chunks, and text scored as if decoded."""
 
 from __future__ import annotations
 
@@ -31,12 +31,26 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> torch.Ten
 
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
-    """Feed `ids` through `cache` in chunks; return the logits of every position (float32)."""
+    """Feed `ids` through `cache` in chunks (`chunk` <= 0: all at once); return every position's logits (float32)."""
+    chunk = chunk if chunk > 0 else ids.shape[1]
     out = [
         model(input_ids=ids[:, i : i + chunk], past_key_values=cache).logits.float()
         for i in range(0, ids.shape[1], chunk)
     ]
     return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def continuation_logits(model, ids: torch.Tensor, cache, chunk: int, prompt: int = 0) -> torch.Tensor:
+    """Logits of `ids` read in `chunk`s; with `prompt`, its first `prompt` tokens are read at once as a prompt
+    and the rest is scored through the cache's windows as if decoded (a razor cache switches to its "window"
+    prompt attention; only its compensation token is read as each chunk found it)."""
+    if not prompt:
+        return prefill(model, ids, cache, chunk)
+    head = prefill(model, ids[:, :prompt], cache, 0)
+    if hasattr(cache, "set_prompt_attention"):
+        cache.set_prompt_attention("window")
+    return torch.cat([head, prefill(model, ids[:, prompt:], cache, chunk)], dim=1)
 
 
 @torch.no_grad()

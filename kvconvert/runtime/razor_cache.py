@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvconvert.runtime.razor_policy import RazorPolicy, window
+from kvconvert.runtime.razor_policy import PROMPT_ATTENTION, RazorPolicy, window
 
 
 @dataclass
@@ -38,10 +38,13 @@ class WindowGroup:
     """The windowed KV heads of one layer that share one rule: tensors `k/v` (batch, heads, sink + compensation +
     recent, d), laid out [sinks | compensation | recent]."""
 
-    def __init__(self, heads: list[int], rule: tuple[int, int, float, bool], bias: bool = False):
+    def __init__(
+        self, heads: list[int], rule: tuple[int, int, float, bool], bias: bool = False, prompt: str = "full"
+    ):
         self.heads = heads
         self.sinks, self.floor, self.fraction, self.compensation = rule
         self.bias = bias  # add log(dropped) to the compensation token's attention logit
+        self.prompt = prompt  # "window": a chunk's tokens see their own windows; "full": all held + the chunk
         self.n_sink = self.n_comp = self.n_recent = 0
         self.dropped = 0  # tokens folded into the compensation token
 
@@ -58,7 +61,7 @@ class WindowGroup:
         new_k, new_v = key_states.index_select(1, self.kv), value_states.index_select(1, self.kv)
         q = seen - start
         k = v = mask = None
-        if q > 1:  # prefill chunk: attend before evicting, each query through its own window
+        if q > 1:  # prefill chunk: attend before evicting (each query through its own window, or to all held)
             k, v = torch.cat([self.k, new_k], dim=-2), torch.cat([self.v, new_v], dim=-2)
             mask = self._biased(self._window_mask(start, q), new_k.dtype)
         self._evict(new_k, new_v, seen)
@@ -98,6 +101,8 @@ class WindowGroup:
         key_pos = torch.cat([held_pos, new_pos])
         pinned = torch.cat([held_pinned, new_pos < self.sinks])
         qpos = new_pos[:, None]
+        if self.prompt == "full":
+            return key_pos[None, :] <= qpos
         widths = ((new_pos + 1).double() * self.fraction).floor().long().clamp(min=self.floor)
         in_window = key_pos[None, :] > qpos - widths[:, None]
         return (key_pos[None, :] <= qpos) & (pinned[None, :] | in_window)
@@ -148,10 +153,14 @@ class RazorLayer(CacheLayerMixin):
         super().__init__()
         self.layer_idx = layer_idx
         self.full_heads = list(policy.retrieval_of(layer_idx))
-        bias = policy.compensation_bias
-        self.groups = [WindowGroup(heads, rule, bias) for rule, heads in policy.window_groups(layer_idx)]
+        self.policy = policy
+        self.groups = self._new_groups()
         self.group = num_query_heads // policy.num_kv_heads
         self.seen = 0  # tokens this layer has been given
+
+    def _new_groups(self) -> list[WindowGroup]:
+        extra = self.policy.compensation_bias, self.policy.prompt_attention
+        return [WindowGroup(heads, rule, *extra) for rule, heads in self.policy.window_groups(self.layer_idx)]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -206,9 +215,7 @@ class RazorLayer(CacheLayerMixin):
         self.is_initialized = False
         self.keys = self.values = None
         self.seen = 0
-        self.groups = [
-            WindowGroup(g.heads, (g.sinks, g.floor, g.fraction, g.compensation), g.bias) for g in self.groups
-        ]
+        self.groups = self._new_groups()
 
 
 class RazorCache(Cache):
@@ -217,6 +224,15 @@ class RazorCache(Cache):
     def __init__(self, policy: RazorPolicy, num_query_heads: int):
         super().__init__(layers=[RazorLayer(policy, i, num_query_heads) for i in range(policy.num_layers)])
         self.policy = policy
+
+    def set_prompt_attention(self, mode: str) -> None:
+        """Change how later prompt chunks attend in windowed heads ("window" or "full", see `RazorPolicy`): e.g.
+        a prompt read with "full", then text scored with "window" exactly as if it were decoded token by token."""
+        if mode not in PROMPT_ATTENTION:
+            raise ValueError(f"prompt attention is one of {', '.join(PROMPT_ATTENTION)}, not {mode!r}")
+        for layer in self.layers:
+            for g in layer.groups:
+                g.prompt = mode
 
     def tensor_bytes(self) -> int:
         """Bytes of the key/value tensors the cache holds (numel x element size)."""

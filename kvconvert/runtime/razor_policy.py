@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+PROMPT_ATTENTION = ("window", "full")
+
 
 @dataclass(frozen=True)
 class RazorPolicy:
@@ -14,6 +16,13 @@ class RazorPolicy:
     windowed KV head its own window fraction instead of `window_fraction` (tiers: wider windows for heads that
     matter more). `fixed_window[layer]` (sliding-window layers of models such as Gemma 3) makes every head of
     that layer keep exactly its last `fixed_window` tokens, as the model itself attends to no more.
+
+    `prompt_attention` says what the tokens of a prompt chunk (more than one token per update) see in windowed
+    heads: "window" (each token its own recent window and the sinks, as DuoAttention's streaming heads: what it
+    would see if decoded, except that the compensation token is read as the chunk found it) or "full"
+    (everything the head holds plus the whole chunk, causally, before the chunk is evicted: with the prompt in
+    one chunk this is RazorAttention's own order, full attention over the prompt and the cache compressed after
+    it). Decoding one token at a time is the same in both.
     """
 
     retrieval: tuple[tuple[int, ...], ...]
@@ -26,6 +35,7 @@ class RazorPolicy:
     fixed_window: tuple[int | None, ...] = field(default=())
     head_fraction: tuple[tuple[float, ...], ...] = field(default=())
     compensation_bias: bool = False  # attend to the compensation token as to the `dropped` tokens it stands for
+    prompt_attention: str = "full"
 
     def __post_init__(self) -> None:
         if self.head_fraction:
@@ -38,6 +48,8 @@ class RazorPolicy:
             object.__setattr__(self, "fixed_window", (None,) * len(self.retrieval))
         if len(self.fixed_window) != len(self.retrieval):
             raise ValueError("fixed_window needs one entry per layer")
+        if self.prompt_attention not in PROMPT_ATTENTION:
+            raise ValueError(f"prompt_attention is one of {', '.join(PROMPT_ATTENTION)}, not {self.prompt_attention!r}")
         if self.sinks < 0 or self.window_floor < 1 or not 0 <= self.window_fraction <= 1:
             raise ValueError("sinks >= 0, window floor >= 1 and 0 <= window fraction <= 1")
         for heads in self.retrieval:
