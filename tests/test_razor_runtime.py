@@ -308,3 +308,20 @@ def test_prompt_attention_can_switch_to_window_for_scoring(llama):
         chunked.set_prompt_attention("everything")
     with pytest.raises(ValueError, match="prompt_attention"):
         RazorPolicy(((0,),), num_kv_heads=2, head_dim=4, prompt_attention="all")
+
+
+def test_generate_reads_the_prompt_in_full_then_holds_the_policy(llama):
+    """Stock `generate` with prompt_attention="full": the first new token comes from full attention over the
+    prompt (the stock model's), later ones through the cut cache, which holds exactly the policy's bytes."""
+    policy = policy_for(llama, [[1], []], sinks=2, window_floor=4, window_fraction=0.0)
+    assert policy.prompt_attention == "full"
+    rt = runtime_from_policy(llama, policy)
+    rt.attach(llama)
+    ids = _ids(2, 33, seed=5)
+    kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    cache = rt.new_cache(llama, 2)
+    ours = llama.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kw)
+    stock = llama.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    assert torch.allclose(ours.logits[0], stock.logits[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(ours.logits[-1], stock.logits[-1], atol=1e-4, rtol=0)
+    assert cache.storage_bytes() == rt.kv_bytes(cache.get_seq_length(), 2) < policy.full_kv_bytes(37, 2, 4)
