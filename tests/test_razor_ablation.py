@@ -104,3 +104,23 @@ def test_profile_cli_ablation(tmp_path, tiny_llama):
     assert len(drop["ranking"]) == 2 and len(drop["drop"]) == 8 and "rounds" not in drop
     r = runner.invoke(app, ["profile", str(ckpt), "-o", str(tmp_path / "p2.json"), "--block", "24"])
     assert r.exit_code != 0 and "longer than the runtime's window" in str(r.exception)
+
+
+def test_copy_loss_of_several_sequences_is_their_mean_and_drop_reports_stability(llama):
+    """With more than one probe sequence (seeds) every row counts, not only the first, and the drop ranking
+    gives one ranking per row, from which the profile reports how stable the selection is."""
+    from kvconvert.razor.ablation import selection_stability
+
+    ids, first = torch.cat([_ids(48, seed=1), _ids(48, seed=2)]), 20
+    windowed = torch.tensor([[False, True, False, False], [True, False, True, True]])
+    both = copy_losses(llama, ids, first, [windowed], RULE)[0]
+    rows = [copy_losses(llama, ids[i : i + 1], first, [windowed], RULE)[0] for i in range(2)]
+    assert abs(rows[0] - rows[1]) > 1e-3
+    assert both == pytest.approx(sum(rows) / 2, abs=1e-5)
+    eligible = torch.ones(2, 4, dtype=torch.bool)
+    order, scores = drop_ranking(llama, ids, first, eligible, RULE)
+    assert len(scores["seed_rankings"]) == 2 and all(len(r) == 8 for r in scores["seed_rankings"])
+    stability = selection_stability(scores["seed_rankings"], order[:3])
+    assert 0 <= stability["jaccard_min"] <= stability["jaccard_mean"] <= 1
+    same = selection_stability([[list(c) for c in order]] * 2, order[:3])
+    assert same["jaccard_per_seed"] == [1.0, 1.0]

@@ -63,16 +63,27 @@ def _ablation_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
 
 def copy_losses(model, ids: torch.Tensor, first: int, plans: list[torch.Tensor], rule: dict) -> list[float]:
-    """Copy loss (mean NLL of tokens after position `first`) of `ids` with each plan's heads windowed."""
-    return masked_losses(model, ids, torch.arange(first + 1, ids.shape[1], device=ids.device), plans, rule)
+    """Copy loss (mean NLL of tokens after position `first`, over every row) of `ids` with each plan's heads
+    windowed."""
+    return [float(r.mean()) for r in copy_row_losses(model, ids, first, plans, rule)]
 
 
-@torch.no_grad()
+def copy_row_losses(model, ids: torch.Tensor, first: int, plans: list[torch.Tensor], rule: dict) -> list:
+    """Per plan, the copy loss of each row of `ids` (a tensor of one loss per row)."""
+    return row_losses(model, ids, torch.arange(first + 1, ids.shape[1], device=ids.device), plans, rule)
+
+
 def masked_losses(
     model, ids: torch.Tensor, targets: torch.Tensor, plans: list[torch.Tensor], rule: dict
 ) -> list[float]:
-    """Mean NLL of the tokens at positions `targets` (each predicted from the one before) of `ids` (one row),
+    """Mean NLL of the tokens at positions `targets` (each predicted from the one before) of every row of `ids`,
     with each plan's heads windowed."""
+    return [float(r.mean()) for r in row_losses(model, ids, targets, plans, rule)]
+
+
+@torch.no_grad()
+def row_losses(model, ids: torch.Tensor, targets: torch.Tensor, plans: list[torch.Tensor], rule: dict) -> list:
+    """Per plan, a (rows,) tensor: each row's mean NLL of the tokens at positions `targets`."""
     length = ids.shape[1]
     window = window_mask(length, rule["sinks"], rule["window_floor"], rule["window_fraction"]).to(ids.device)
     causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
@@ -87,8 +98,9 @@ def masked_losses(
             logits = model(
                 input_ids=ids, use_cache=False, kvconvert_window_plan=plan, logits_to_keep=length - first
             ).logits
-            pred = logits[0].index_select(0, targets - 1 - first).float()
-            losses.append(float(F.cross_entropy(pred, ids[0, targets])))
+            pred = logits.index_select(1, targets - 1 - first).float()
+            nll = F.cross_entropy(pred.flatten(0, 1), ids[:, targets].flatten(), reduction="none")
+            losses.append(nll.view(ids.shape[0], -1).mean(1).cpu())
     finally:
         model.set_attn_implementation(previous)
     return losses
@@ -111,11 +123,15 @@ def drop_ranking(
     """Eligible heads by `drop` score, largest first, and the scores: the copy loss with only that head windowed
     (every other head full) minus the full model's copy loss."""
     full = torch.zeros_like(eligible)
-    reference = copy_losses(model, ids, first, [full], rule)[0]
+    reference = copy_row_losses(model, ids, first, [full], rule)[0]
     cells, plans = single_head_plans(eligible, full)
-    drop = dict(zip(cells, (x - reference for x in copy_losses(model, ids, first, plans, rule)), strict=True))
+    per_row = torch.stack(copy_row_losses(model, ids, first, plans, rule)) - reference  # (heads, rows)
+    drop = dict(zip(cells, per_row.mean(1).tolist(), strict=True))
     order = sorted(cells, key=drop.get, reverse=True)
-    return order, {"full_loss": reference, "drop": {str(c): d for c, d in drop.items()}}
+    scores = {"full_loss": float(reference.mean()), "drop": {str(c): d for c, d in drop.items()}}
+    if ids.shape[0] > 1:  # one ranking per probe sequence (seed), to say how stable the selection is
+        scores["seed_rankings"] = [[list(cells[i]) for i in col.argsort(descending=True).tolist()] for col in per_row.T]
+    return order, scores
 
 
 def greedy_select(
@@ -162,6 +178,16 @@ def greedy_select(
     return order, history
 
 
+def selection_stability(seed_rankings: list[list[list[int]]], chosen: list[tuple[int, int]]) -> dict:
+    """Jaccard index of each seed's own top heads (as many as chosen) with the selection from all seeds."""
+    pick = {tuple(c) for c in chosen}
+    overlaps = [
+        len(pick & {tuple(c) for c in r[: len(pick)]}) / len(pick | {tuple(c) for c in r[: len(pick)]})
+        for r in seed_rankings
+    ]
+    return {"jaccard_per_seed": overlaps, "jaccard_min": min(overlaps), "jaccard_mean": sum(overlaps) / len(overlaps)}
+
+
 def copy_sequences(vocab_size: int, block: int, repeats: int, prefix: int, seeds: list[int]) -> torch.Tensor:
     """(seeds, prefix + block·repeats) probe sequences, one per seed (the echo/induction probe's)."""
     from kvconvert.razor.profile import ProfileSettings, probe_sequence
@@ -198,6 +224,8 @@ def profile_ablation(
     else:
         order, scores = drop_ranking(model, ids, first, eligible, rule)
         order = order[:count]
+        if "seed_rankings" in scores:
+            scores["stability"] = selection_stability(scores.pop("seed_rankings"), order)
     chosen = torch.zeros_like(eligible)
     for cell in order:
         chosen[cell] = True
