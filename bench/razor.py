@@ -3,7 +3,9 @@
     PYTHONPATH=. python -m bench.razor --model smollm2 --profile PROFILE.json --contexts 2048,4096 --depths 0.2,0.8
 
 Passkey prompts are read at once by default (`--prompt-chunk 0`, as `generate` does) and the key decoded through
-the cache; perplexity reads `--ppl-prompt` tokens at once and scores the rest as if decoded. Methods (same
+the cache; `--question after` reads the document first and the question as a second prompt, once the cache has
+been cut (the harder case: what the cache kept must answer a question it did not see). Perplexity reads
+`--ppl-prompt` tokens at once and scores the rest as if decoded. Methods (same
 prompt reading, same decode loop): full (every token), razor (profile's retrieval heads full,
 others sink + window + compensation), windowed (StreamingLLM: every head sink + window, no compensation) and
 random (as many retrieval heads as razor, chosen at random). Prints a table and writes docs/results/razor.md.
@@ -12,6 +14,7 @@ random (as many retrieval heads as razor, chosen at random). Prints a table and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import time
@@ -19,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_prompt, ppl, random_key
+from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_parts, ppl, random_key
 from kvconvert.razor.tiers import parse_tiers, tiered_heads
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
+
+QUESTION_MODES = {"prompt": ("prompt",), "after": ("after",), "both": ("prompt", "after")}
 
 
 def methods(model, retrieval: list[list[int]], rule: dict, full_layers: list[int], seed: int = 0) -> dict:
@@ -69,21 +74,31 @@ def run(args) -> dict:
         runtimes = {k: v for k, v in runtimes.items() if k in args.methods}
     next(iter(runtimes.values())).attach(model)
     rng = random.Random(args.seed)
+    for _ in range(args.skip_keys):  # a run split by context draws the keys the whole run would have drawn
+        random_key(rng, args.digits)
     rows = []
     for ctx in args.contexts:
         for depth in args.depths:
             for _ in range(args.trials):
                 key = random_key(rng, args.digits)
-                ids = passkey_prompt(tok, ctx, depth, key)
-                for name, rt in runtimes.items():
+                text, question = passkey_parts(tok, ctx, depth, key)
+                ids = torch.cat([text, question], dim=1)
+                for (name, rt), mode in itertools.product(runtimes.items(), QUESTION_MODES[args.question]):
                     t0 = time.process_time()
-                    answer = tok.decode(greedy(model, ids, rt.new_cache(), args.prompt_chunk, args.digits + 1)[0])
+                    new = args.digits + 1
+                    if mode == "after":  # the document is cached (and cut) before the question arrives
+                        out = greedy(model, text, rt.new_cache(), args.prompt_chunk, new, then=question)
+                    else:
+                        out = greedy(model, ids, rt.new_cache(), args.prompt_chunk, new)
+                    answer = tok.decode(out[0])
                     rows.append(
                         {
                             "task": "passkey",
                             "context": ids.shape[1],
                             "depth": depth,
                             "method": name,
+                            "question": mode,
+                            "key": key,
                             "correct": key in answer,
                             "answer": answer.strip(),
                             "cpu_s": time.process_time() - t0,
@@ -138,6 +153,11 @@ def top(profile: dict, n: int) -> list[list[int]]:
     return [sorted(r) for r in retrieval]
 
 
+def _label(row: dict) -> str:
+    """A passkey row's column: the method, marked when the question came after the cached document."""
+    return row["method"] + (" (q after)" if row.get("question") == "after" else "")
+
+
 def _span(text: str) -> list[int]:
     a, b = map(int, text.split("-"))
     return list(range(a, b + 1))
@@ -154,6 +174,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512, help="Chunk length when scoring text (perplexity).")
     ap.add_argument(
         "--prompt-chunk", type=int, default=0, help="Passkey prompts read in chunks of N (0: at once, as generate)."
+    )
+    ap.add_argument(
+        "--question",
+        choices=sorted(QUESTION_MODES),
+        default="both",
+        help="Passkey question in the prompt (read with the document), after it (the document cached first), or both.",
     )
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window-floor", type=int, default=256)
@@ -186,6 +212,7 @@ def main() -> None:
         "--compensation-bias", action="store_true", help="Weigh the compensation token by log(tokens dropped)."
     )
     ap.add_argument("--seed", type=int, default=0, help="Passkey keys' random seed (0: the benchmark's keys).")
+    ap.add_argument("--skip-keys", type=int, default=0, help="Draw and discard N keys first (e.g. 6 for 8k alone).")
     ap.add_argument("--full-layers", type=_span, default=[], help="e.g. 0-6: add razor + every head of these layers")
     ap.add_argument("--methods", type=lambda s: s.split(","), default=[])
     ap.add_argument(
@@ -208,7 +235,7 @@ def render(results: list[dict]) -> str:
             rule["tiers"] = ",".join(f"{n}:{f}" for n, f in res["tiers"])
         heads = f", {res['retrieval_heads']} retrieval heads" if "retrieval_heads" in res else ""
         out.append(f"### {res['model']} (profile `{Path(res['profile']).name}`{heads}, chunk {res['chunk']}, {rule})\n")
-        pk = [r for r in rows if r["task"] == "passkey"]
+        pk = [r | {"method": _label(r)} for r in rows if r["task"] == "passkey"]
         if pk:
             names = list(dict.fromkeys(r["method"] for r in pk))
             out.append("| context | depth | " + " | ".join(names) + " |")
@@ -227,6 +254,11 @@ def render(results: list[dict]) -> str:
             }
             out.append("| **accuracy** | | " + " | ".join(f"**{acc[n]:.0%}**" for n in names) + " |\n")
         pp = [r for r in rows if r["task"] == "perplexity"]
+        if pp and res.get("ppl_prompt"):
+            out.append(
+                f"Perplexity: the first {res['ppl_prompt']} tokens read at once as a prompt, "
+                "the rest scored as if decoded.\n"
+            )
         if pp:
             full = next((r for r in pp if r["method"] == "full"), pp[0])
             out.append(

@@ -155,7 +155,8 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
         run_profile(
             ProfileRunRequest(
                 model=str(out), output=out / "razor_profile.json", attach=True, **recipe.profile.model_dump()
-            )
+            ),
+            progress,
         )
         timings["profile"] = time.perf_counter() - t0
 

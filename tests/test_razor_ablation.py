@@ -124,3 +124,29 @@ def test_copy_loss_of_several_sequences_is_their_mean_and_drop_reports_stability
     assert 0 <= stability["jaccard_min"] <= stability["jaccard_mean"] <= 1
     same = selection_stability([[list(c) for c in order]] * 2, order[:3])
     assert same["jaccard_per_seed"] == [1.0, 1.0]
+
+
+def test_profile_reports_progress_per_forward_pass(llama):
+    """The ablation profile advances its progress bar once per forward pass: one full pass, one per eligible
+    head, and the four held-out checks for the drop scoring; the greedy scoring counts without a total."""
+    from kvconvert.razor.ablation import profile_ablation
+
+    class Recorder:
+        def __init__(self):
+            self.tasks = []
+
+        def task(self, description, total):
+            self.tasks.append([description, total, 0])
+            return lambda n=1, info=None: self.tasks[-1].__setitem__(2, self.tasks[-1][2] + n)
+
+        def log(self, message):
+            pass
+
+    eligible = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    kw = dict(block=24, repeats=2, seeds=1, fraction=0.25, rounds=2, pool=0, prefix=8)
+    drop, greedy = Recorder(), Recorder()
+    profile_ablation(llama, eligible, RULE, greedy=False, progress=drop, **kw)
+    assert [(t[1], t[2]) for t in drop.tasks] == [(1 + 6 + 4, 1 + 6 + 4)]
+    profile_ablation(llama, eligible, RULE, greedy=True, progress=greedy, **kw)
+    ((_, total, done),) = greedy.tasks
+    assert total is None and done == (1 + 6) + (1 + 5) + 4  # 2 heads: one per round

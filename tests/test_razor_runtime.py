@@ -325,3 +325,31 @@ def test_generate_reads_the_prompt_in_full_then_holds_the_policy(llama):
     assert torch.allclose(ours.logits[0], stock.logits[0], atol=1e-5, rtol=0)
     assert not torch.allclose(ours.logits[-1], stock.logits[-1], atol=1e-4, rtol=0)
     assert cache.storage_bytes() == rt.kv_bytes(cache.get_seq_length(), 2) < policy.full_kv_bytes(37, 2, 4)
+
+
+def test_a_question_after_the_cut_sees_only_what_the_cache_kept(llama):
+    """`greedy(..., then=question)`: the document is read at once and cut, then the question is read as a second
+    prompt: its logits are the model's under a mask where the question sees the sinks, the document's last
+    `window` tokens and itself (not the whole document, as a question inside the prompt does); with a cache that
+    keeps everything, the answer is the one for the concatenated prompt."""
+    from kvconvert.evaluation.longcontext import greedy, prefill
+
+    policy = policy_for(llama, [[], []], sinks=2, window_floor=6, window_fraction=0.0, compensation=False)
+    rt = runtime_from_policy(llama, policy)
+    rt.attach(llama)
+    ids = _ids(1, 40, seed=11)
+    text, question = ids[:, :20], ids[:, 20:]
+    cache = rt.new_cache()
+    prefill(llama, text, cache, 0)
+    got = prefill(llama, question, cache, 0)
+    mask = _chunk_full_mask(40, 2, 6, 20)[None, None]
+    with torch.no_grad():
+        want = llama(input_ids=ids, attention_mask=mask).logits[:, 20:]
+        whole = llama(input_ids=ids).logits[:, 20:]
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, whole, atol=1e-3, rtol=0)
+    assert cache.storage_bytes() == rt.kv_bytes(40)
+    after = greedy(llama, text, rt.new_cache(), 0, 3, then=question)
+    assert after[0, 0] == want[0, -1].argmax()
+    dynamic = lambda: DynamicCache(config=llama.config)  # noqa: E731
+    assert torch.equal(greedy(llama, text, dynamic(), 0, 4, then=question), greedy(llama, ids, dynamic(), 0, 4))

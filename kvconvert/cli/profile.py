@@ -15,9 +15,11 @@ OPTIONS = Group(ProfileRunRequest, arguments=("model",))
 def profile_command(req: ProfileRunRequest, json: bool) -> None:
     """Score every KV head on repeated random tokens (copy loss when windowed, or echo/induction attention);
     select the retrieval heads."""
+    from kvconvert.progress import RichProgress
     from kvconvert.razor.run import run_profile
 
-    result = run_profile(req)
+    with RichProgress(enabled=not json) as progress:
+        result = run_profile(req, progress)
     n = sum(map(len, result["retrieval"]))
     total = len(result["retrieval"]) * result["num_kv_heads"]
     check = {k: result[k] for k in ("stability", "held_out_copy_loss") if k in result}

@@ -1,6 +1,8 @@
 """`kvconvert eval --cache KIND[:ARG]`: perplexity, passkey retrieval, KV bytes and decode speed through a cache
 runtime (kvconvert.runtime), against the full DynamicCache on the same tokens. Passkey prompts are read at once,
-as `generate` reads them, and the key's digits are decoded through the cache. Perplexity: with
+as `generate` reads them, and the key's digits are decoded through the cache; `passkey_after` reads the document
+first and the question as a second prompt after the cache was cut (what a chat's next turn or a reused prefix
+cache sees). Perplexity: with
 `prompt_fraction`, each window's first part is read at once as a prompt and the rest scored as if decoded;
 without, the window is read in `chunk`s and every position scored."""
 
@@ -11,7 +13,7 @@ import time
 
 import torch
 
-from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_prompt, ppl, prefill, random_key
+from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_parts, ppl, prefill, random_key
 
 
 def _dynamic(model):
@@ -51,13 +53,14 @@ def evaluate_cache(
             total, count = total + t, count + c
         entry = {"perplexity": ppl(total, count), "contexts": {}}
         for ctx in contexts:
-            hits = []
+            hits, hits_after = [], []
             for depth in (0.2, 0.5, 0.8):
                 key = random_key(random.Random(ctx + int(depth * 100)), 6)
-                answer = tokenizer.decode(
-                    greedy(model, passkey_prompt(tokenizer, ctx, depth, key), new_cache(), 0, 7)[0]
-                )
-                hits.append(key in answer)
+                text, question = passkey_parts(tokenizer, ctx, depth, key)
+                answer = greedy(model, torch.cat([text, question], dim=1), new_cache(), 0, 7)
+                hits.append(key in tokenizer.decode(answer[0]))
+                answer = greedy(model, text, new_cache(), 0, 7, then=question)  # the question after the cut
+                hits_after.append(key in tokenizer.decode(answer[0]))
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
             cache = new_cache()
             prefill(model, ids, cache, chunk)
@@ -69,6 +72,7 @@ def evaluate_cache(
             held = _held_bytes(cache)
             entry["contexts"][str(ctx)] = {
                 "passkey_accuracy": sum(hits) / len(hits),
+                "passkey_after_accuracy": sum(hits_after) / len(hits_after),
                 "decode_tokens_per_second": new_tokens / seconds,
                 "cache_bytes": held,
                 "computed_bytes": runtime.kv_bytes(ctx + new_tokens) if name == spec else None,

@@ -17,8 +17,9 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> torch.Tensor:
-    """Token ids of about `context` tokens: filler with the passkey sentence at relative `depth`."""
+def passkey_parts(tokenizer, context: int, depth: float, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, question) token ids, about `context` tokens in all: filler with the passkey sentence at relative
+    `depth`, then the question that asks for it."""
     needle = tokenizer(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     intro, question, filler = ids(INTRO), ids(QUESTION), ids(FILLER)
@@ -26,7 +27,12 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> torch.Ten
     body = (filler * (room // len(filler) + 1))[:room]
     cut = int(depth * room)
     cut -= cut % len(filler)  # at a sentence-group boundary
-    return torch.tensor(intro + body[:cut] + needle.input_ids + body[cut:] + question)[None]
+    return torch.tensor(intro + body[:cut] + needle.input_ids + body[cut:])[None], torch.tensor(question)[None]
+
+
+def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> torch.Tensor:
+    """Token ids of about `context` tokens: filler with the passkey sentence at relative `depth`, then the question."""
+    return torch.cat(passkey_parts(tokenizer, context, depth, key), dim=1)
 
 
 @torch.no_grad()
@@ -54,9 +60,13 @@ def continuation_logits(model, ids: torch.Tensor, cache, chunk: int, prompt: int
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, cache, chunk: int, new_tokens: int) -> torch.Tensor:
-    """Chunked prefill, then `new_tokens` greedy decode steps through the same cache."""
+def greedy(model, ids: torch.Tensor, cache, chunk: int, new_tokens: int, then: torch.Tensor | None = None):
+    """Chunked prefill, then `new_tokens` greedy decode steps through the same cache. `then`: a second prompt read
+    at once after `ids` is cached (a razor cache has cut its windowed heads by then), e.g. a question that arrives
+    after the document, as in a chat's next turn or a reused prefix cache."""
     logits = prefill(model, ids, cache, chunk)[:, -1]
+    if then is not None:
+        logits = prefill(model, then, cache, 0)[:, -1]
     out = []
     for _ in range(new_tokens):
         nxt = logits.argmax(-1, keepdim=True)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from kvconvert.progress import Advance, Progress, Silent
 from kvconvert.runtime.razor_policy import window
 
 ABLATE = "kvconvert_ablation_probe"
@@ -62,15 +63,19 @@ def _ablation_attention(module, query, key, value, attention_mask, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def copy_losses(model, ids: torch.Tensor, first: int, plans: list[torch.Tensor], rule: dict) -> list[float]:
+def copy_losses(
+    model, ids: torch.Tensor, first: int, plans: list[torch.Tensor], rule: dict, advance: Advance | None = None
+) -> list[float]:
     """Copy loss (mean NLL of tokens after position `first`, over every row) of `ids` with each plan's heads
     windowed."""
-    return [float(r.mean()) for r in copy_row_losses(model, ids, first, plans, rule)]
+    return [float(r.mean()) for r in copy_row_losses(model, ids, first, plans, rule, advance)]
 
 
-def copy_row_losses(model, ids: torch.Tensor, first: int, plans: list[torch.Tensor], rule: dict) -> list:
+def copy_row_losses(
+    model, ids: torch.Tensor, first: int, plans: list[torch.Tensor], rule: dict, advance: Advance | None = None
+) -> list:
     """Per plan, the copy loss of each row of `ids` (a tensor of one loss per row)."""
-    return row_losses(model, ids, torch.arange(first + 1, ids.shape[1], device=ids.device), plans, rule)
+    return row_losses(model, ids, torch.arange(first + 1, ids.shape[1], device=ids.device), plans, rule, advance)
 
 
 def masked_losses(
@@ -82,8 +87,16 @@ def masked_losses(
 
 
 @torch.no_grad()
-def row_losses(model, ids: torch.Tensor, targets: torch.Tensor, plans: list[torch.Tensor], rule: dict) -> list:
-    """Per plan, a (rows,) tensor: each row's mean NLL of the tokens at positions `targets`."""
+def row_losses(
+    model,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    plans: list[torch.Tensor],
+    rule: dict,
+    advance: Advance | None = None,
+) -> list:
+    """Per plan, a (rows,) tensor: each row's mean NLL of the tokens at positions `targets` (`advance`: called
+    once per plan, i.e. per forward pass)."""
     length = ids.shape[1]
     window = window_mask(length, rule["sinks"], rule["window_floor"], rule["window_fraction"]).to(ids.device)
     causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
@@ -101,6 +114,8 @@ def row_losses(model, ids: torch.Tensor, targets: torch.Tensor, plans: list[torc
             pred = logits.index_select(1, targets - 1 - first).float()
             nll = F.cross_entropy(pred.flatten(0, 1), ids[:, targets].flatten(), reduction="none")
             losses.append(nll.view(ids.shape[0], -1).mean(1).cpu())
+            if advance:
+                advance()
     finally:
         model.set_attn_implementation(previous)
     return losses
@@ -118,14 +133,14 @@ def single_head_plans(eligible: torch.Tensor, base: torch.Tensor) -> tuple[list[
 
 
 def drop_ranking(
-    model, ids: torch.Tensor, first: int, eligible: torch.Tensor, rule: dict
+    model, ids: torch.Tensor, first: int, eligible: torch.Tensor, rule: dict, advance: Advance | None = None
 ) -> tuple[list[tuple[int, int]], dict]:
     """Eligible heads by `drop` score, largest first, and the scores: the copy loss with only that head windowed
     (every other head full) minus the full model's copy loss."""
     full = torch.zeros_like(eligible)
-    reference = copy_row_losses(model, ids, first, [full], rule)[0]
+    reference = copy_row_losses(model, ids, first, [full], rule, advance)[0]
     cells, plans = single_head_plans(eligible, full)
-    per_row = torch.stack(copy_row_losses(model, ids, first, plans, rule)) - reference  # (heads, rows)
+    per_row = torch.stack(copy_row_losses(model, ids, first, plans, rule, advance)) - reference  # (heads, rows)
     drop = dict(zip(cells, per_row.mean(1).tolist(), strict=True))
     order = sorted(cells, key=drop.get, reverse=True)
     scores = {"full_loss": float(reference.mean()), "drop": {str(c): d for c, d in drop.items()}}
@@ -144,6 +159,7 @@ def greedy_select(
     rounds: int,
     pool: int = 0,
     progress: Callable[[dict], None] | None = None,
+    advance: Advance | None = None,
 ) -> tuple[list[tuple[int, int]], list[dict]]:
     """Up to `count` heads in `rounds` rounds of `add` gains given the heads already chosen (every other head
     windowed); after the first round only the `pool` best heads of the previous round are re-scored (0: all).
@@ -165,9 +181,10 @@ def greedy_select(
             for cell in ranked:
                 candidates[cell] = True
         base = eligible & ~chosen
-        reference = copy_losses(model, ids, first, [base], rule)[0]
+        reference = copy_losses(model, ids, first, [base], rule, advance)[0]
         cells, plans = single_head_plans(candidates, base)
-        gains = dict(zip(cells, (reference - x for x in copy_losses(model, ids, first, plans, rule)), strict=True))
+        losses = copy_losses(model, ids, first, plans, rule, advance)
+        gains = dict(zip(cells, (reference - x for x in losses), strict=True))
         take = math.ceil(left / (rounds - r))
         order += sorted(cells, key=gains.get, reverse=True)[:take]
         history.append(
@@ -209,6 +226,7 @@ def profile_ablation(
     pool: int,
     greedy: bool = True,
     prefix: int = 8,
+    progress: Progress | None = None,
 ) -> dict:
     """Ablation profile: the ranked heads (greedy `add` rounds, or single-head `drop` scores), the retrieval
     heads (top `fraction` of the eligible ones), the scores, and copy losses on a held-out seed (full, selected,
@@ -218,11 +236,13 @@ def profile_ablation(
     ids = copy_sequences(config.vocab_size, block, repeats, prefix, list(range(seeds))).to(device)
     first = prefix + block
     count = math.ceil(fraction * int(eligible.sum()))
+    passes = None if greedy else int(eligible.sum()) + 5  # greedy: as many as its rounds need
+    advance = (progress or Silent()).task(f"profile: forward passes of {ids.shape[1]} tokens", passes)
     if greedy:
-        order, history = greedy_select(model, ids, first, eligible, rule, count, rounds, pool)
+        order, history = greedy_select(model, ids, first, eligible, rule, count, rounds, pool, advance=advance)
         scores: dict = {"rounds": history}
     else:
-        order, scores = drop_ranking(model, ids, first, eligible, rule)
+        order, scores = drop_ranking(model, ids, first, eligible, rule, advance)
         order = order[:count]
         if "seed_rankings" in scores:
             scores["stability"] = selection_stability(scores.pop("seed_rankings"), order)
@@ -236,7 +256,7 @@ def profile_ablation(
         rand[layer, head] = True
     held_out = copy_sequences(config.vocab_size, block, repeats, prefix, [seeds]).to(device)
     plans = [torch.zeros_like(eligible), eligible & ~chosen, eligible.clone(), eligible & ~rand]
-    losses = copy_losses(model, held_out, first, plans, rule)
+    losses = copy_losses(model, held_out, first, plans, rule, advance)
     return {
         "ranking": [list(c) for c in order],
         "retrieval": [torch.nonzero(row).flatten().tolist() for row in chosen],

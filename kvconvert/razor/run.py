@@ -9,6 +9,7 @@ import torch
 
 from kvconvert.config.profile import ProfileRunRequest
 from kvconvert.errors import KVConvertError
+from kvconvert.progress import Progress, Silent
 from kvconvert.razor.ablation import profile_ablation
 from kvconvert.razor.profile import ProfileSettings, profile_model
 from kvconvert.razor.store import SCHEMA, attach_profile, save_profile
@@ -31,18 +32,19 @@ def _echo_induction(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tu
     return settings | {"echo_fraction": req.echo}, profile_model(model, s, eligible)
 
 
-def _ablation(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tuple[dict, dict]:
+def _ablation(model, req: ProfileRunRequest, eligible: torch.Tensor, progress: Progress) -> tuple[dict, dict]:
     rule = req.runtime_rule() | {"sinks": req.probe_sinks}  # the probe's windowing; the cache keeps req.sinks
     prefix = max(8, req.probe_sinks)  # the sinks see the random prefix only, never the block to be copied
     if req.block <= window(rule["window_floor"], rule["window_fraction"], req.block * req.repeats + prefix):
         raise KVConvertError("ablation scoring needs --block longer than the runtime's window (--window-floor)")
     kw = dict(block=req.block, repeats=req.repeats, seeds=req.seed_count(), fraction=req.retrieval, prefix=prefix)
-    kw |= dict(rounds=req.rounds, pool=req.pool, greedy=req.scoring == "ablation")
+    kw |= dict(rounds=req.rounds, pool=req.pool, greedy=req.scoring == "ablation", progress=progress)
     settings = {"scoring": req.scoring, **kw, "seeds": list(range(req.seed_count())), "probe_sinks": req.probe_sinks}
+    del settings["progress"]
     return settings, profile_ablation(model, eligible, rule, **kw)
 
 
-def run_profile(req: ProfileRunRequest) -> dict:
+def run_profile(req: ProfileRunRequest, progress: Progress | None = None) -> dict:
     """Profile `req.model`'s heads, write the profile to `req.output` (with the runtime's window rule) and, with
     `req.attach`, store it in the model's own directory too."""
     from kvconvert.checkpoint import resolve
@@ -56,7 +58,7 @@ def run_profile(req: ProfileRunRequest) -> dict:
     eligible = eligible_heads(config, n_kv)
     t0 = time.perf_counter()
     if req.scoring != "echo-induction":
-        settings, scores = _ablation(model, req, eligible)
+        settings, scores = _ablation(model, req, eligible, progress or Silent())
     else:
         settings, scores = _echo_induction(model, req, eligible)
     profile = {

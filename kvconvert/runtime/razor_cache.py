@@ -38,9 +38,7 @@ class WindowGroup:
     """The windowed KV heads of one layer that share one rule: tensors `k/v` (batch, heads, sink + compensation +
     recent, d), laid out [sinks | compensation | recent]."""
 
-    def __init__(
-        self, heads: list[int], rule: tuple[int, int, float, bool], bias: bool = False, prompt: str = "full"
-    ):
+    def __init__(self, heads: list[int], rule: tuple[int, int, float, bool], bias: bool = False, prompt: str = "full"):
         self.heads = heads
         self.sinks, self.floor, self.fraction, self.compensation = rule
         self.bias = bias  # add log(dropped) to the compensation token's attention logit
