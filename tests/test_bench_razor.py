@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from bench import razor
 
 
@@ -39,3 +41,20 @@ def test_question_modes_key_draws_and_render(monkeypatch, tmp_path, tiny_llama):
     header = next(line for line in table.splitlines() if line.startswith("| context"))
     assert header == "| context | depth | full | full (q after) | razor | razor (q after) |"
     assert table.count("**accuracy**") == 1
+
+
+def test_masked_baseline_has_razors_quality_and_the_full_memory(monkeypatch, tmp_path, tiny_llama):
+    """`--masked`: the same heads windowed by a mask over a full cache score what razor scores when every token
+    reads its own window and no compensation token is kept, while holding the full cache's bytes."""
+    from tests.tiny import WORDS
+
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(0, 700, 3)))
+    (tmp_path / "p.json").write_text(json.dumps({"schema": "kvconvert-razor-profile/1", "retrieval": [[1], []]}))
+    args = ["--contexts", "", "--methods", "razor", "--ppl-text", str(text), "--ppl-tokens", "150"]
+    args += ["--ppl-skip", "20", "--chunk", "32", "--prompt-attention", "window", "--no-compensation", "--masked"]
+    rows = _run(monkeypatch, tmp_path, tiny_llama, "masked", *args)["rows"]
+    razor_row, masked = rows
+    assert masked["method"] == "masked" and razor_row["context"] == masked["context"] > 100
+    assert masked["perplexity"] == pytest.approx(razor_row["perplexity"], rel=1e-4)
+    assert masked["kv_bytes"] == razor_row["full_bytes"] > razor_row["measured_bytes"] == razor_row["kv_bytes"]
