@@ -8,7 +8,10 @@ been cut (the harder case: what the cache kept must answer a question it did not
 `--ppl-prompt` tokens at once and scores the rest as if decoded. Methods (same
 prompt reading, same decode loop): full (every token), razor (profile's retrieval heads full,
 others sink + window + compensation), windowed (StreamingLLM: every head sink + window, no compensation) and
-random (as many retrieval heads as razor, chosen at random). Prints a table and writes docs/results/razor.md.
+random (as many retrieval heads as razor, chosen at random); `--masked` adds kvpress-style masking to the
+perplexity (the same heads windowed by a mask over a full cache: razor's quality with every token reading its own
+window, the full cache's memory). Each row is printed as a JSON line and all are written to `--json`; `--render`
+prints the markdown tables of docs/results/razor.md from such files.
 """
 
 from __future__ import annotations
