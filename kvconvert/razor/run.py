@@ -22,14 +22,15 @@ def eligible_heads(config, n_kv: int) -> torch.Tensor:
     return torch.tensor([[t != "sliding_attention"] * n_kv for t in types], dtype=torch.bool)
 
 
-def _echo_induction(model, req: ProfileRunRequest, eligible: torch.Tensor) -> tuple[dict, dict]:
+def _echo_induction(model, req: ProfileRunRequest, eligible: torch.Tensor, progress: Progress) -> tuple[dict, dict]:
     seeds = tuple(range(req.seed_count()))
     s = ProfileSettings(
         block=req.block, repeats=req.repeats, seeds=seeds, induction_fraction=req.induction, echo_fraction=req.echo
     )
     settings = {"scoring": req.scoring, "block": req.block, "repeats": req.repeats, "prefix": s.prefix}
     settings |= {"queries": s.queries, "seeds": list(seeds), "induction_fraction": req.induction}
-    return settings | {"echo_fraction": req.echo}, profile_model(model, s, eligible)
+    advance = progress.task(f"profile: attention over {s.prefix + s.block * s.repeats} tokens, per seed", len(seeds))
+    return settings | {"echo_fraction": req.echo}, profile_model(model, s, eligible, advance)
 
 
 def _ablation(model, req: ProfileRunRequest, eligible: torch.Tensor, progress: Progress) -> tuple[dict, dict]:
@@ -60,7 +61,7 @@ def run_profile(req: ProfileRunRequest, progress: Progress | None = None) -> dic
     if req.scoring != "echo-induction":
         settings, scores = _ablation(model, req, eligible, progress or Silent())
     else:
-        settings, scores = _echo_induction(model, req, eligible)
+        settings, scores = _echo_induction(model, req, eligible, progress or Silent())
     profile = {
         "schema": SCHEMA,
         "model": req.model,
