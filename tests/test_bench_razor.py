@@ -10,7 +10,7 @@ import pytest
 from bench import razor
 
 
-def _run(monkeypatch, tmp_path, model, name: str, *extra: str) -> list[dict]:
+def _run(monkeypatch, tmp_path, model, name: str, *extra: str) -> dict:
     out = tmp_path / f"{name}.json"
     argv = ["bench.razor", "--model", str(model), "--profile", str(tmp_path / "p.json"), "--json", str(out)]
     rule = ["--window-floor", "16", "--sinks", "2", "--digits", "3", "--depths", "0.5"]

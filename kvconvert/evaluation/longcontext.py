@@ -60,7 +60,9 @@ def continuation_logits(model, ids: torch.Tensor, cache, chunk: int, prompt: int
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, cache, chunk: int, new_tokens: int, then: torch.Tensor | None = None):
+def greedy(
+    model, ids: torch.Tensor, cache, chunk: int, new_tokens: int, then: torch.Tensor | None = None
+) -> torch.Tensor:
     """Chunked prefill, then `new_tokens` greedy decode steps through the same cache. `then`: a second prompt read
     at once after `ids` is cached (a razor cache has cut its windowed heads by then), e.g. a question that arrives
     after the document, as in a chat's next turn or a reused prefix cache."""

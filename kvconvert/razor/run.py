@@ -39,10 +39,9 @@ def _ablation(model, req: ProfileRunRequest, eligible: torch.Tensor, progress: P
     if req.block <= window(rule["window_floor"], rule["window_fraction"], req.block * req.repeats + prefix):
         raise KVConvertError("ablation scoring needs --block longer than the runtime's window (--window-floor)")
     kw = dict(block=req.block, repeats=req.repeats, seeds=req.seed_count(), fraction=req.retrieval, prefix=prefix)
-    kw |= dict(rounds=req.rounds, pool=req.pool, greedy=req.scoring == "ablation", progress=progress)
+    kw |= dict(rounds=req.rounds, pool=req.pool, greedy=req.scoring == "ablation")
     settings = {"scoring": req.scoring, **kw, "seeds": list(range(req.seed_count())), "probe_sinks": req.probe_sinks}
-    del settings["progress"]
-    return settings, profile_ablation(model, eligible, rule, **kw)
+    return settings, profile_ablation(model, eligible, rule, **kw, progress=progress)
 
 
 def run_profile(req: ProfileRunRequest, progress: Progress | None = None) -> dict:
