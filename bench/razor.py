@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_parts, ppl, random_key
+from kvconvert.evaluation.longcontext import ask_passkey, continuation_logits, nll, passkey_parts, ppl, random_key
 from kvconvert.razor.tiers import parse_tiers, tiered_heads
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
 
@@ -86,19 +86,16 @@ def run(args) -> dict:
             for _ in range(args.trials):
                 key = random_key(rng, args.digits)
                 text, question = passkey_parts(tok, ctx, depth, key)
-                ids = torch.cat([text, question], dim=1)
+                length = text.shape[1] + question.shape[1]
                 for (name, rt), mode in itertools.product(runtimes.items(), QUESTION_MODES[args.question]):
                     t0 = time.process_time()
-                    new = args.digits + 1
-                    if mode == "after":  # the document is cached (and cut) before the question arrives
-                        out = greedy(model, text, rt.new_cache(), args.prompt_chunk, new, then=question)
-                    else:
-                        out = greedy(model, ids, rt.new_cache(), args.prompt_chunk, new)
+                    after = mode == "after"  # the document is cached (and cut) before the question arrives
+                    out = ask_passkey(model, text, question, rt.new_cache(), args.prompt_chunk, args.digits + 1, after)
                     answer = tok.decode(out[0])
                     rows.append(
                         {
                             "task": "passkey",
-                            "context": ids.shape[1],
+                            "context": length,
                             "depth": depth,
                             "method": name,
                             "question": mode,
@@ -106,8 +103,8 @@ def run(args) -> dict:
                             "correct": key in answer,
                             "answer": answer.strip(),
                             "cpu_s": time.process_time() - t0,
-                            "kv_bytes": rt.kv_bytes(ids.shape[1]),
-                            "full_bytes": rt.policy.full_kv_bytes(ids.shape[1], 1, 4),
+                            "kv_bytes": rt.kv_bytes(length),
+                            "full_bytes": rt.policy.full_kv_bytes(length, 1, 4),
                         }
                     )
                     print(json.dumps(rows[-1]), flush=True)

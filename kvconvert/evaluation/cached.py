@@ -13,7 +13,15 @@ import time
 
 import torch
 
-from kvconvert.evaluation.longcontext import continuation_logits, greedy, nll, passkey_parts, ppl, prefill, random_key
+from kvconvert.evaluation.longcontext import (
+    ask_passkey,
+    continuation_logits,
+    nll,
+    passkey_parts,
+    ppl,
+    prefill,
+    random_key,
+)
 
 
 def _dynamic(model):
@@ -57,10 +65,9 @@ def evaluate_cache(
             for depth in (0.2, 0.5, 0.8):
                 key = random_key(random.Random(ctx + int(depth * 100)), 6)
                 text, question = passkey_parts(tokenizer, ctx, depth, key)
-                answer = greedy(model, torch.cat([text, question], dim=1), new_cache(), 0, 7)
-                hits.append(key in tokenizer.decode(answer[0]))
-                answer = greedy(model, text, new_cache(), 0, 7, then=question)  # the question after the cut
-                hits_after.append(key in tokenizer.decode(answer[0]))
+                for after, found in ((False, hits), (True, hits_after)):  # the question in the prompt, after the cut
+                    answer = ask_passkey(model, text, question, new_cache(), 0, 7, after)
+                    found.append(key in tokenizer.decode(answer[0]))
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
             cache = new_cache()
             prefill(model, ids, cache, chunk)

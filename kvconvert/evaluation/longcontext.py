@@ -30,11 +30,6 @@ def passkey_parts(tokenizer, context: int, depth: float, key: str) -> tuple[torc
     return torch.tensor(intro + body[:cut] + needle.input_ids + body[cut:])[None], torch.tensor(question)[None]
 
 
-def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> torch.Tensor:
-    """Token ids of about `context` tokens: filler with the passkey sentence at relative `depth`, then the question."""
-    return torch.cat(passkey_parts(tokenizer, context, depth, key), dim=1)
-
-
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     """Feed `ids` through `cache` in chunks (`chunk` <= 0: all at once); return every position's logits (float32)."""
@@ -75,6 +70,16 @@ def greedy(
         out.append(nxt)
         logits = model(input_ids=nxt, past_key_values=cache).logits[:, -1].float()
     return torch.cat(out, dim=1)
+
+
+def ask_passkey(
+    model, text: torch.Tensor, question: torch.Tensor, cache, chunk: int, new_tokens: int, after: bool = False
+) -> torch.Tensor:
+    """Greedy answer tokens to a passkey prompt: document and question read as one prompt (as `generate` does), or
+    with `after` the question read as a second prompt once the document is cached (and a razor cache cut)."""
+    if after:
+        return greedy(model, text, cache, chunk, new_tokens, then=question)
+    return greedy(model, torch.cat([text, question], dim=1), cache, chunk, new_tokens)
 
 
 def random_key(rng: random.Random, digits: int) -> str:
