@@ -23,7 +23,7 @@ TINY = dict(layers=2, hidden=256, heads=4, kv_heads=4, inter=512, samples=4, seq
 
 def stage_times(text: str) -> dict[str, float]:
     """The `time by stage` table that `kvconvert compress` prints."""
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"│ (\w+)\s+│\s+([\d.]+) │", text)}
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"│ ([\w+]+)\s+│\s+([\d.]+) │", text)}
 
 
 def calibrate_times(text: str) -> dict[str, float]:

@@ -167,11 +167,15 @@ def decompose(
     grouping: str = "search",
     coherence: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
-    on_layer: Callable[[int], None] | None = None,
+    on_layer: Callable[[int, LayerPlan], None] | None = None,
     protected: Sequence[Iterable[int]] | None = None,
     qk_norm: str = "normalised",
+    order: Sequence[int] | None = None,
 ) -> CompressionPlan:
-    """Plan every layer. `moments_of(layer)` gives (E[x xᵀ], E[x]) of the attention input in float64."""
+    """Plan every layer. `moments_of(layer)` gives (E[x xᵀ], E[x]) of the attention input in float64.
+
+    Layers are started in `order` (default 0, 1, ...) and each finished one is handed to `on_layer(layer, plan)`
+    at once (a writer can use it before the others are done); an error there stops the planning."""
     registry.get(method)  # unknown -> ValueError naming the methods
     if qk_norm not in QK_NORM_MERGES:
         raise ValueError(f"unknown QK-norm merge {qk_norm!r}; choose from {', '.join(QK_NORM_MERGES)}")
@@ -182,29 +186,37 @@ def decompose(
     # The grouping search and the merges are CPU eigen-solves that release the GIL: plan several layers at once
     # (`plan_threads`: workers x their own OpenMP threads <= torch's thread count), while the next layers' moments
     # are formed on `device`. With one thread this is the plain sequential loop.
+    order = list(range(geom.num_layers)) if order is None else list(order)
+    if sorted(order) != list(range(geom.num_layers)):
+        raise ValueError(f"order must list each of the {geom.num_layers} layers once")
     workers, per_worker = plan_threads(torch.get_num_threads(), geom.num_layers)
     layers: list[LayerPlan | None] = [None] * geom.num_layers
     with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(per_worker,)) as pool:
         pending: dict[Future, int] = {}
-        for layer in range(geom.num_layers):
-            second, mean = moments_of(layer)
-            lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
-            keep = frozenset(protected[layer]) if protected else frozenset()
-            job = (lm, geom, n_new, method, grouping, coherence, keep, qk_norm)
-            pending[pool.submit(plan_layer, *job)] = layer
-            del lm, second, mean
-            if len(pending) >= 2 * workers:
-                _collect(pending, layers, on_layer, wait_all=False)
-        _collect(pending, layers, on_layer, wait_all=True)
+        try:
+            for layer in order:
+                second, mean = moments_of(layer)
+                lm = layer_moments(weights_of(layer), second.to(device), mean.to(device), geom)
+                keep = frozenset(protected[layer]) if protected else frozenset()
+                job = (lm, geom, n_new, method, grouping, coherence, keep, qk_norm)
+                pending[pool.submit(plan_layer, *job)] = layer
+                del lm, second, mean
+                if len(pending) >= 2 * workers:
+                    _collect(pending, layers, on_layer, wait_all=False)
+            _collect(pending, layers, on_layer, wait_all=True)
+        except BaseException:
+            for fut in pending:  # do not plan layers nobody will use
+                fut.cancel()
+            raise
     release_memory()
     return CompressionPlan(method, grouping, geom.num_kv_heads, n_new, tuple(layers))
 
 
-def _collect(pending: dict, layers: list, on_layer: Callable[[int], None] | None, wait_all: bool) -> None:
+def _collect(pending: dict, layers: list, on_layer: Callable[[int, LayerPlan], None] | None, wait_all: bool) -> None:
     """Store finished layer plans (all of them, or at least one), reporting each to `on_layer`."""
     done, _ = wait(pending, return_when=ALL_COMPLETED if wait_all else FIRST_COMPLETED)
     for fut in done:
         layer = pending.pop(fut)
         layers[layer] = fut.result()
         if on_layer:
-            on_layer(layer)
+            on_layer(layer, layers[layer])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +20,12 @@ from kvconvert.checkpoint import Checkpoint
 from kvconvert.converted import Converted
 from kvconvert.errors import KVConvertError
 from kvconvert.families.base import converted_shapes, converted_tensors
-from kvconvert.io.shards import ShardPlan, Spec, write_shards
+from kvconvert.io.shards import ShardPlan, Spec, layout, write_shards
 from kvconvert.io.staging import check_not_input, check_replaceable, staged
 from kvconvert.memory import release_memory
 from kvconvert.progress import Progress, Silent
 
-__all__ = ["ExportResult", "prepare_output", "write_checkpoint", "write_into"]
+__all__ = ["ExportResult", "layers_in_write_order", "prepare_output", "write_checkpoint", "write_into"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,30 @@ def _new_shapes(ckpt: Checkpoint, attn: dict[str, int], n_new: int) -> dict[str,
     }
 
 
-def output_specs(conv: Converted) -> dict[str, Spec]:
-    """Dtype and shape of every output tensor (the source's, attention as the family lays out the new head count)."""
-    ckpt, reader = conv.ckpt, conv.ckpt.tensors
-    shapes = _new_shapes(ckpt, attention_index(ckpt), conv.plan.num_kv_heads_after)
+def specs_for(ckpt: Checkpoint, n_new: int) -> dict[str, Spec]:
+    """Dtype and shape of every output tensor of `ckpt` converted to `n_new` KV heads (the source's; attention as
+    the family lays out the new head count)."""
+    reader = ckpt.tensors
+    shapes = _new_shapes(ckpt, attention_index(ckpt), n_new)
     return {name: (reader.dtype(name), tuple(shapes.get(name) or reader.shape(name))) for name in reader.names()}
+
+
+def output_specs(conv: Converted) -> dict[str, Spec]:
+    """`specs_for` the conversion's checkpoint and head count."""
+    return specs_for(conv.ckpt, conv.plan.num_kv_heads_after)
+
+
+def layers_in_write_order(ckpt: Checkpoint, n_new: int, max_shard_size: int | str = "5GB") -> list[int]:
+    """Layers in the order the writer first needs their attention (shard by shard, each in safetensors' layout:
+    by dtype, then by name, so layer 10 comes before layer 2). Planning them in this order keeps an overlapped
+    export from waiting on layers it does not need yet."""
+    specs = specs_for(ckpt, n_new)
+    attn, seen = attention_index(ckpt), {}
+    for names in ShardPlan.split(specs, max_shard_size).files.values():
+        for name in layout({n: specs[n] for n in names}):
+            if name in attn:
+                seen.setdefault(attn[name], None)
+    return list(seen)
 
 
 class TensorSource:
@@ -95,11 +114,15 @@ class TensorSource:
         return t
 
 
+ExtraFiles = Mapping[str, str] | Callable[[], Mapping[str, str]]
+"""File name -> text, or a function giving them once the weights are written (when the plan was still pending)."""
+
+
 def write_into(
     conv: Converted,
     directory: Path,
     *,
-    extra_files: dict[str, str],
+    extra_files: ExtraFiles,
     max_shard_size: int | str = "5GB",
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -107,14 +130,21 @@ def write_into(
     ckpt = conv.ckpt
     specs = output_specs(conv)
     plan = ShardPlan.split(specs, max_shard_size)
-    advance = (progress or Silent()).task("writing shards", len(plan.files))
-    written = write_shards(directory, specs, TensorSource(conv), plan, on_shard=lambda _: advance())
+    advance = (progress or Silent()).task("writing tensors", len(specs))
+    source = TensorSource(conv)
+
+    def produce(name: str) -> torch.Tensor:
+        t = source(name)
+        advance()
+        return t
+
+    written = write_shards(directory, specs, produce, plan)
     config = dict(ckpt.raw_config)
     config[ckpt.family.kv_heads_key] = conv.plan.num_kv_heads_after
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for path in ckpt.side_files():
         shutil.copyfile(path, directory / path.name)
-    for name, text in extra_files.items():
+    for name, text in (extra_files() if callable(extra_files) else extra_files).items():
         (directory / name).write_text(text)
     return ExportResult(directory, tuple(plan.files), written)
 
@@ -123,7 +153,7 @@ def write_checkpoint(
     conv: Converted,
     output: Path,
     *,
-    extra_files: dict[str, str],
+    extra_files: ExtraFiles,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: Progress | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,13 @@ from kvconvert.converted import Converted
 from kvconvert.decompose import decompose
 from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
-from kvconvert.export import prepare_output, write_checkpoint
+from kvconvert.export import layers_in_write_order, prepare_output, write_checkpoint
 from kvconvert.heal import HealResult, run_heal
 from kvconvert.io.staging import scratch_dir
 from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
-from kvconvert.plan import CompressionPlan
+from kvconvert.overlap import OnLayer, PendingPlan
+from kvconvert.plan import CompressionPlan, LayerPlan
 from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
 from kvconvert.record import RECORD, Record, dump_record, new_record
@@ -110,10 +112,19 @@ def plan_compression(
     device: torch.device,
     progress: Progress | None = None,
     protected: list[list[int]] | None = None,
+    on_layer: OnLayer | None = None,
+    order: list[int] | None = None,
 ) -> CompressionPlan:
+    """Decompose every layer (in `order`, each finished one also handed to `on_layer`), with a progress bar."""
     geom = ckpt.family.geometry(ckpt.config)
     coherence = pair_coherence(rope_theta(ckpt.config), geom.rotary_dim, ROPE_HORIZON)
     advance = (progress or Silent()).task("decomposing", geom.num_layers)
+
+    def finished(layer: int, plan: LayerPlan) -> None:
+        if on_layer is not None:
+            on_layer(layer, plan)
+        advance()
+
     return decompose(
         stats.moments,
         ckpt.attention,
@@ -123,8 +134,9 @@ def plan_compression(
         grouping,
         coherence=coherence,
         device=device if device.type == "cuda" else "cpu",
-        on_layer=lambda _: advance(),
+        on_layer=finished,
         protected=protected,
+        order=order,
     )
 
 
@@ -170,47 +182,102 @@ def _compress_with_stats(
     progress: Progress,
     scratch: Path,
 ) -> CompressResult:
-    t0 = time.perf_counter()
     device = resolve_device(req.calibration.device)
     protected = None
     if req.protect_retrieval:
         from kvconvert.razor.store import load_profile
 
         protected = load_profile(req.protect_retrieval)["retrieval"]
-    plan = plan_compression(ckpt, stats, n_new, req.method, req.grouping, device, progress, protected)
-    timings["decompose"] = time.perf_counter() - t0
 
-    conv = Converted(ckpt, plan)
-    record = conversion_record(ckpt, plan, stats)
-    if req.refine.steps:
-        t0 = time.perf_counter()
-        r = req.refine
-        dtype = resolve_dtype(req.calibration.dtype, device)
-        store = scratch / "refined"
-        conv, layers = refine(
-            conv, windows[: r.samples], r, store, device, dtype, req.calibration.offload_dir, progress
+    def planner(on_layer: OnLayer | None = None, order: list[int] | None = None) -> CompressionPlan:
+        return plan_compression(
+            ckpt, stats, n_new, req.method, req.grouping, device, progress, protected, on_layer, order
         )
-        refined = {
-            **r.model_dump(include={"steps", "lr"}),
-            "batch_size": r.batch_size,
-            "inputs": r.inputs,
-            "samples": min(r.samples, len(windows)),
-            "layers": layers,
-        }
-        record = record.with_sections(refine=refined)
-        timings["refine"] = time.perf_counter() - t0
 
+    if req.refine.steps:  # refinement needs the whole plan first; then the export writes its layers
+        t0 = time.perf_counter()
+        plan = planner()
+        timings["decompose"] = time.perf_counter() - t0
+        conv, record = _refined(
+            req,
+            Converted(ckpt, plan),
+            conversion_record(ckpt, plan, stats),
+            windows,
+            device,
+            progress,
+            scratch,
+            timings,
+        )
+        result = _export(req, conv, record, device, progress, timings, "export")
+    else:  # the export streams the checkpoint while decompose plans layers in the order it writes them
+        order = layers_in_write_order(ckpt, n_new, req.max_shard_size)
+        num_layers = ckpt.family.geometry(ckpt.config).num_layers
+        with PendingPlan(lambda on_layer: planner(on_layer, order), num_layers, n_new) as pending:
+            record = lambda: conversion_record(ckpt, pending.result(), stats)  # noqa: E731  (after the weights)
+            result = _export(req, Converted(ckpt, pending), record, device, progress, timings, "decompose+export")
+            plan = pending.result()
+    healed = None
+    if req.heal is not None:
+        t0 = time.perf_counter()
+        healed = run_heal(req.heal, progress)
+        timings["heal"] = time.perf_counter() - t0
+    return CompressResult(req.output, plan, timings, result, healed)
+
+
+def _refined(
+    req: CompressRequest,
+    conv: Converted,
+    record: Record,
+    windows: torch.Tensor,
+    device: torch.device,
+    progress: Progress,
+    scratch: Path,
+    timings: dict[str, float],
+) -> tuple[Converted, Record]:
+    """The conversion with refined attention weights, and its record with a `refine` section."""
     t0 = time.perf_counter()
-    extra = {RECORD: dump_record(record), CARD: model_card(record)}
+    r = req.refine
+    dtype = resolve_dtype(req.calibration.dtype, device)
+    conv, layers = refine(
+        conv, windows[: r.samples], r, scratch / "refined", device, dtype, req.calibration.offload_dir, progress
+    )
+    refined = {
+        **r.model_dump(include={"steps", "lr"}),
+        "batch_size": r.batch_size,
+        "inputs": r.inputs,
+        "samples": min(r.samples, len(windows)),
+        "layers": layers,
+    }
+    timings["refine"] = time.perf_counter() - t0
+    return conv, record.with_sections(refine=refined)
+
+
+def _export(
+    req: CompressRequest,
+    conv: Converted,
+    record: Record | Callable[[], Record],
+    device: torch.device,
+    progress: Progress,
+    timings: dict[str, float],
+    stage: str,
+) -> VerifyResult | None:
+    """Write `conv` to the output (timed as `stage`), verifying the staged files first unless asked not to.
+    `record` may be a function, called once the weights are written (when the plan was still pending)."""
+    t0 = time.perf_counter()
     checked: list[VerifyResult] = []
+
+    def extra() -> dict[str, str]:
+        rec = record() if callable(record) else record
+        return {RECORD: dump_record(rec), CARD: model_card(rec)}
 
     def check(staged: Path) -> None:
         """Verify the staged output before it replaces anything: a refused run leaves the old output as it was."""
-        timings["export"] = time.perf_counter() - t0
+        timings[stage] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        result = verify_streamed(staged, conv, device)
+        final = Converted(conv.ckpt, _whole(conv.plan), conv.overrides)
+        result = verify_streamed(staged, final, device)
         if result.ok and req.reload_check:
-            result = verify(staged, converted_in_memory(conv), trust_remote_code=ckpt.trust_remote_code)
+            result = verify(staged, converted_in_memory(final), trust_remote_code=conv.ckpt.trust_remote_code)
         timings["verify"] = time.perf_counter() - t1
         if not result.ok:
             raise KVConvertError(
@@ -228,14 +295,12 @@ def _compress_with_stats(
         progress=progress,
         check=check if req.verify else None,
     )
-    timings.setdefault("export", time.perf_counter() - t0)
-    result = checked[0] if checked else None
-    healed = None
-    if req.heal is not None:
-        t0 = time.perf_counter()
-        healed = run_heal(req.heal, progress)
-        timings["heal"] = time.perf_counter() - t0
-    return CompressResult(req.output, plan, timings, result, healed)
+    timings.setdefault(stage, time.perf_counter() - t0)
+    return checked[0] if checked else None
+
+
+def _whole(plan: CompressionPlan | PendingPlan) -> CompressionPlan:
+    return plan.result() if isinstance(plan, PendingPlan) else plan
 
 
 def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: CalibrationStats) -> Record:

@@ -40,6 +40,10 @@ class CompressionPlan:
     num_kv_heads_after: int
     layers: tuple[LayerPlan, ...]
 
+    def layer(self, i: int) -> LayerPlan:
+        """Layer `i`'s plan (the interface `overlap.PendingPlan` shares)."""
+        return self.layers[i]
+
     def summary(self) -> dict:
         """JSON-ready description: groups and retained energy per layer."""
         return {

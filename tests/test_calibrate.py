@@ -65,6 +65,23 @@ def test_windows_from_a_local_file(tiny_llama, text_a):
     assert windows.shape == (4, 64) and (windows[:, 0] == tok.bos_token_id).all()
 
 
+def test_a_local_text_file_reads_as_datasets_text_loader_reads_it(tmp_path, monkeypatch):
+    """A .txt is read directly (no `datasets` import, no cache written), as the one document `datasets`' own
+    `text` loader gives with sample_by="document": same string, so the same windows and token digest as before."""
+    import datasets
+
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("first line\r\nsecond – ünïcode\rthird\n\n  \n".encode())
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    want = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="document")["text"]
+    assert list(iter_texts(str(path))) == want
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    assert list(iter_texts(str(tmp_path / "blank.txt"))) == []
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(KVConvertError, match="not UTF-8 text"):
+        list(iter_texts(str(tmp_path / "latin1.txt")))
+
+
 def test_too_short_text_is_a_clear_error(tiny_llama, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Cache head.")

@@ -1,6 +1,7 @@
 """The CLI parses, calls the library, and turns input errors into one line + exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,20 @@ def test_help_and_argument_errors_import_no_heavy_library():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_datasets_loaded_after_the_cli_quieted_the_libraries_stays_quiet():
+    """`quiet_libraries` no longer imports `datasets` (0.5 s a command that reads no text): loaded later, its bars
+    and info logs are off all the same."""
+    code = (
+        "import sys; from kvconvert.cli import quiet_libraries; quiet_libraries()\n"
+        "assert 'datasets' not in sys.modules\n"
+        "import datasets, logging\n"
+        "print(datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity() == logging.ERROR)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_DATASETS_", "DATASETS_"))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.stdout.strip() == "True True", r.stdout + r.stderr
 
 
 def test_json_summaries_carry_a_schema_version(tmp_path, tiny_llama, text_a):

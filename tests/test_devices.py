@@ -8,6 +8,7 @@ from kvconvert.decompose import decompose
 from kvconvert.distributed import Part, gather_rows
 from kvconvert.families import AttentionGeometry
 from kvconvert.fold import fold_layer
+from kvconvert.plan import LayerPlan
 from kvconvert.progress import RichProgress
 from tests.test_merge import layer_with_copies, moments, relative_error
 
@@ -44,7 +45,12 @@ def test_decompose_in_parallel_threads_matches_sequential():
         for n in (1, 3):
             torch.set_num_threads(n)
             seen = []
-            plans.append(decompose(stats.__getitem__, weights.__getitem__, geom, 4, "weighted", on_layer=seen.append))
+
+            def on_layer(layer, plan, seen=seen):
+                assert isinstance(plan, LayerPlan)
+                seen.append(layer)
+
+            plans.append(decompose(stats.__getitem__, weights.__getitem__, geom, 4, "weighted", on_layer=on_layer))
             assert sorted(seen) == list(range(5))
     finally:
         torch.set_num_threads(threads)

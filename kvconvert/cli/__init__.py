@@ -6,6 +6,7 @@ Nothing heavy (torch, transformers, datasets) is imported until a command has pa
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -51,16 +52,22 @@ def _register() -> None:
 
 
 def quiet_libraries() -> None:
-    """kvconvert draws its own progress bars; silence the libraries' bars and info logs (imports them)."""
-    import datasets
+    """kvconvert draws its own progress bars; silence the libraries' bars and info logs (imports transformers and
+    huggingface_hub; `datasets`, 0.5 s to import and needed only to read text, through its environment variables
+    unless it is loaded already)."""
     import huggingface_hub
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
     huggingface_hub.utils.disable_progress_bars()
+    datasets = sys.modules.get("datasets")
+    if datasets is None:
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    else:
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
 
 
 _quiet_libraries = quiet_libraries
