@@ -38,7 +38,8 @@ class PendingPlan:
         self._error: BaseException | None = None
         self.seconds: float | None = None
         """Seconds the planning took, once it is done."""
-        self._thread = threading.Thread(target=self._run, args=(plan,), name="kvconvert-decompose", daemon=True)
+        # not a daemon: exiting while a daemon thread is inside torch aborts the process (streaming.read_in_background)
+        self._thread = threading.Thread(target=self._run, args=(plan,), name="kvconvert-decompose")
         self._thread.start()
 
     def _run(self, plan: Callable[[OnLayer], CompressionPlan]) -> None:

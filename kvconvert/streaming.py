@@ -166,8 +166,10 @@ class LayerRunner:
 
 
 def read_in_background(read: Callable[[int], dict[str, torch.Tensor]], layer: int) -> Future:
-    """`read(layer)` on a daemon thread; its result (or error) in the returned future. Reading tensors is page
-    faults and copies, which release the GIL, so it overlaps the caller's computation."""
+    """`read(layer)` on a thread; its result (or error) in the returned future. Reading tensors is page faults and
+    copies, which release the GIL, so it overlaps the caller's computation. Not a daemon: a process that exits
+    (an error, Ctrl-C) while a daemon thread is inside torch aborts ("terminate called without an active
+    exception", exit 134) instead of exiting with its own code; this one is waited for, one layer's read."""
     future: Future = Future()
 
     def work() -> None:
@@ -176,7 +178,7 @@ def read_in_background(read: Callable[[int], dict[str, torch.Tensor]], layer: in
         except BaseException as exc:  # handed to whoever waits on the future
             future.set_exception(exc)
 
-    threading.Thread(target=work, name=f"kvconvert-read-layer-{layer}", daemon=True).start()
+    threading.Thread(target=work, name=f"kvconvert-read-layer-{layer}").start()
     return future
 
 

@@ -3,6 +3,8 @@ errors on either side stop both without leaving anything behind."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -177,3 +179,31 @@ def test_compress_whose_planning_fails_leaves_nothing(twelve_layers, monkeypatch
     with pytest.raises(RuntimeError, match="planning layer failed"):
         _compress(src, root / "stats.safetensors", root / "failed")
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+EXIT_WHILE_BUSY = """
+import sys, time, torch
+from kvconvert.overlap import PendingPlan
+from kvconvert.streaming import read_in_background
+
+def busy(*_):
+    a = torch.randn(800, 800)
+    for _ in range(30):
+        a = (a @ a).tanh()  # inside torch, with the GIL released, when the main thread exits
+    return {}
+
+if sys.argv[1] == "read":
+    read_in_background(busy, 0)
+else:
+    PendingPlan(busy, 1, 1)
+time.sleep(0.1)
+raise SystemExit(2)
+"""
+
+
+@pytest.mark.parametrize("which", ["read", "plan"])
+def test_exiting_while_a_background_thread_works_keeps_the_exit_code(which):
+    """A process that exits (an error line, Ctrl-C) while a layer read or the planner is inside torch exits with its
+    own code. As daemon threads they aborted it: "terminate called without an active exception", exit 134."""
+    r = subprocess.run([sys.executable, "-c", EXIT_WHILE_BUSY, which], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "terminate called" not in r.stderr, (r.returncode, r.stderr[-2000:])
