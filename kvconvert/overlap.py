@@ -8,7 +8,6 @@ export alone is about one copy of the checkpoint, so overlapping takes the plann
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -36,20 +35,16 @@ class PendingPlan:
         self._stop = threading.Event()
         self._plan: CompressionPlan | None = None
         self._error: BaseException | None = None
-        self.seconds: float | None = None
-        """Seconds the planning took, once it is done."""
         # not a daemon: exiting while a daemon thread is inside torch aborts the process (streaming.read_in_background)
         self._thread = threading.Thread(target=self._run, args=(plan,), name="kvconvert-decompose")
         self._thread.start()
 
     def _run(self, plan: Callable[[OnLayer], CompressionPlan]) -> None:
-        t0 = time.perf_counter()
         try:
             self._plan = plan(self._deliver)
         except BaseException as exc:  # handed to whoever waits for a layer or the result
             self._error = exc
         finally:
-            self.seconds = time.perf_counter() - t0
             for event in self._ready:
                 event.set()
 

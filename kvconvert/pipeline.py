@@ -211,8 +211,7 @@ def _compress_with_stats(
         result = _export(req, conv, record, device, progress, timings, "export")
     else:  # the export streams the checkpoint while decompose plans layers in the order it writes them
         order = layers_in_write_order(ckpt, n_new, req.max_shard_size)
-        num_layers = ckpt.family.geometry(ckpt.config).num_layers
-        with PendingPlan(lambda on_layer: planner(on_layer, order), num_layers, n_new) as pending:
+        with PendingPlan(lambda on_layer: planner(on_layer, order), len(order), n_new) as pending:
             record = lambda: conversion_record(ckpt, pending.result(), stats)  # noqa: E731  (after the weights)
             result = _export(req, Converted(ckpt, pending), record, device, progress, timings, "decompose+export")
             plan = pending.result()
