@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # GPU benchmark: device correctness, 7B-shaped conversion vs floors, KV-cache runtimes, heal curve -> docs/results/gpu.md
 #
-#   bench/gpu.sh            # on one H100/H200 (560 s; all parts in full: two calls, docs/gpu.md); wheels from .whl/
+#   bench/gpu.sh            # on one H100/H200 (480 s; or as two calls of 165 + 315 s, docs/gpu.md); wheels from .whl/
 #   bench/gpu.sh --smoke    # tiny sizes on whatever device there is (CPU: a few minutes)
 #
 # Env: KVC_GPU_PARTS (default: runtime razor scale devices heal), KVC_SMOLLM2_GGUF (SmolLM2-135M-Instruct .gguf;
 # default: the built-in `smollm2` alias), PYTHON (default python3), KVC_GPU_BUDGET (seconds for the whole run,
-# default 560), OUT (also copy the results there).
+# default 480), KVC_GPU_SCALE_SHARE / KVC_GPU_DEVICES_SHARE (seconds, default 150 / 110), OUT (also copy the
+# results there).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
 SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 export KVC_GPU_SMOKE=$SMOKE
-BUDGET=${KVC_GPU_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 560)}
+BUDGET=${KVC_GPU_BUDGET:-$([ "$SMOKE" = 1 ] && echo 1200 || echo 480)}
 if [ -z "${KVC_SMOLLM2_GGUF:-}" ] && compgen -G "/tmp/smollm2/*.gguf" >/dev/null; then
   KVC_SMOLLM2_GGUF=$(ls /tmp/smollm2/*.gguf | head -1)
 fi
@@ -83,8 +84,8 @@ PARTS=${KVC_GPU_PARTS:-runtime razor scale devices heal}
 for name in $PARTS; do
   case "$SMOKE:$name" in
     1:runtime) part runtime 120 ;; 1:razor) part razor 120 ;; 1:scale) part scale 240 ;; 1:devices) part devices 240 ;; 1:heal) part heal 9999 ;;
-    0:runtime) part runtime 110 ;; 0:razor) part razor 60 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-200}" ;;
-    0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-180}" ;; 0:heal) part heal 9999 ;;
+    0:runtime) part runtime 100 ;; 0:razor) part razor 50 ;; 0:scale) part scale "${KVC_GPU_SCALE_SHARE:-150}" ;;
+    0:devices) part devices "${KVC_GPU_DEVICES_SHARE:-110}" ;; 0:heal) part heal 9999 ;;
     *) echo "unknown part $name" ;;
   esac
 done

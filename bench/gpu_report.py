@@ -84,8 +84,7 @@ def runtime(d: dict) -> list[str]:
         "| batch | context | 3 KV: tok/s | 1 KV: tok/s | speed-up | 3 KV: peak | 1 KV: peak | peak ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base, conv = d["points"].get("3", []), d["points"].get("1", [])
-    for b, c in zip(base, conv, strict=False):
+    for b, c in pairs(d["points"].get("3", []), d["points"].get("1", [])):
         if b.get("oom") or c.get("oom"):
             lines.append(
                 f"| {b['batch']} | {b['context']} | {'OOM' if b.get('oom') else ''} | "
@@ -109,6 +108,14 @@ def runtime(d: dict) -> list[str]:
     return lines
 
 
+def pairs(base: list[dict], conv: list[dict]) -> list[tuple[dict, dict]]:
+    """The points measured for both models, matched and ordered by (batch, context)."""
+    key = lambda r: (r["batch"], r["context"])  # noqa: E731
+    by_key = {key(c): c for c in conv}
+    matched = [(b, by_key[key(b)]) for b in base if key(b) in by_key]
+    return sorted(matched, key=lambda pair: key(pair[0]))
+
+
 def graphed_table(g: dict) -> list[str]:
     """Static cache, decode step replayed as a CUDA graph (host out of the step), beside the eager step."""
     if "3" not in g or "1" not in g:
@@ -121,7 +128,7 @@ def graphed_table(g: dict) -> list[str]:
         "| batch | context | 3 KV: eager ms | 1 KV: eager ms | 3 KV: graph tok/s | 1 KV: graph tok/s | speed-up |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for b, c in zip(g["3"], g["1"], strict=False):
+    for b, c in pairs(g["3"], g["1"]):
         if "error" in b or "error" in c:
             err = b.get("error") or c.get("error")
             lines.append(f"| {b['batch']} | {b['context']} | failed: {err[:120]} | | | | |")

@@ -40,12 +40,11 @@ def cache_root() -> Path:
 
 def gguf_license(gguf: Path) -> str | None:
     """`general.license` from a GGUF file's metadata, if it has one."""
-    from gguf import GGUFReader
+    from kvconvert.gguf_metadata import read_metadata
 
     try:
-        field = GGUFReader(str(gguf)).fields.get("general.license")
-        value = field.contents() if field is not None else None
-    except Exception:  # unreadable metadata only loses the license line of the card
+        value = read_metadata(gguf, ["general.license"]).get("general.license")
+    except (OSError, ValueError):  # unreadable metadata only loses the license line of the card
         return None
     return value if isinstance(value, str) and value else None
 
@@ -92,13 +91,15 @@ UNQUANTIZED = {0: "float32", 1: "float16", 32: "bfloat16"}
 def gguf_provenance(gguf: Path) -> dict:
     """File, quantisation and the dtype to expand it to: the GGUF's own float type when it is unquantized (it then
     is the dtype the model was made in), else bfloat16, which the metadata cannot confirm or refute."""
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
+
+    from kvconvert.gguf_metadata import read_metadata
 
     try:
-        field = GGUFReader(str(gguf)).fields.get("general.file_type")
-        file_type = int(field.contents()) if field is not None else None
-    except Exception:  # unreadable metadata: nothing known about the original dtype
+        file_type = read_metadata(gguf, ["general.file_type"]).get("general.file_type")
+    except (OSError, ValueError):  # unreadable metadata: nothing known about the original dtype
         file_type = None
+    file_type = file_type if isinstance(file_type, int) and not isinstance(file_type, bool) else None
     try:
         quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_") if file_type else None
     except ValueError:
