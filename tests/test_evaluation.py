@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from kvconvert.cli import _register, app
 from kvconvert.evaluation.kvcache import kv_cache_bytes, kv_report, layer_windows
-from kvconvert.evaluation.runtime import probe
+from kvconvert.evaluation.runtime import probe, probe_model, probes_in_process
 from kvconvert.modeling import load_model
 from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
 from tests.tiny import make_model
@@ -117,6 +117,40 @@ def test_runtime_probe_measures_the_generate_cache(windowed):
     p = probe(str(windowed), context=12, new_tokens=3, repeats=1, device="cpu", dtype="float32", batch=2)
     assert p["cache_tokens"] == 14 and p["cache_matches"]
     assert p["measured_cache_bytes"] == 2 * 2 * 2 * 16 * 4 * 7 * 2  # window-limited, batch 2
+
+
+def test_a_held_model_probes_like_a_freshly_loaded_one(windowed):
+    """The in-process probe (CUDA's) measures what the child's does: the same cache, tokens and fields."""
+    fresh = probe(str(windowed), context=12, new_tokens=3, repeats=1, device="cpu", dtype="float32", batch=2)
+    held = probe_model(load_model(str(windowed), torch.device("cpu"), torch.float32), 12, 3, 1, 2)
+    assert set(held) == set(fresh)
+    same = ("cache_tokens", "measured_cache_bytes", "computed_cache_bytes", "cache_matches", "batch", "device")
+    assert {k: held[k] for k in same} == {k: fresh[k] for k in same}
+
+
+def test_eval_probes_the_model_it_holds_only_where_the_peak_allows(pair, text_b, monkeypatch):
+    from kvconvert.evaluation import report as report_module
+    from kvconvert.evaluation.report import evaluate
+
+    base, conv = pair
+    assert probes_in_process(torch.device("cuda")) and not probes_in_process(torch.device("cpu"))
+    children = []
+
+    def child(spec, context, *args):
+        children.append((spec, context))
+        return probe(spec, context, *args)
+
+    monkeypatch.setattr(report_module, "probe_in_child", child)
+    kwargs = dict(baseline=str(base), dataset=str(text_b), samples=2, seq_len=16, contexts=[8, 20], new_tokens=3)
+    on_cpu = evaluate(str(conv), **kwargs, repeats=1, device="cpu")
+    assert children == [(str(base), 8), (str(base), 20), (str(conv), 8), (str(conv), 20)]
+    monkeypatch.setattr(report_module, "probes_in_process", lambda device: True)  # as on CUDA
+    held = evaluate(str(conv), **kwargs, repeats=1, device="cpu")
+    assert len(children) == 4  # no child this time
+    for role in ("baseline", "model"):
+        for a, b in zip(on_cpu[role]["runtime"], held[role]["runtime"], strict=True):
+            assert a["cache_matches"] and b["cache_matches"]
+            assert (a["context"], a["measured_cache_bytes"]) == (b["context"], b["measured_cache_bytes"])
 
 
 def test_bad_contexts_are_a_usage_error(pair):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvconvert.evaluation.kvcache import kv_report
 from kvconvert.evaluation.perplexity import eval_windows, perplexity
-from kvconvert.evaluation.runtime import probe_in_child
+from kvconvert.evaluation.runtime import probe_in_child, probe_model, probes_in_process
 from kvconvert.progress import Progress, Silent
 
 SCHEMA = "kvconvert-eval/1"
@@ -64,12 +64,19 @@ def evaluate(
             "perplexity": perplexity(model, windows, batch_size, progress, subject),
             "kv_cache": kv_report(model, contexts),
         }
-        del model
+        in_process = probes_in_process(dev)
+        if not in_process:
+            del model  # the child loads its own copy
         advance = progress.task(f"decode speed of {subject} (contexts)", len(contexts)) if contexts else None
         runtime = []
         for context in contexts:
-            runtime.append(probe_in_child(specs[role], context, new_tokens, repeats, device, dtype, runtime_batch))
+            if in_process:
+                runtime.append(probe_model(model, context, new_tokens, repeats, runtime_batch))
+            else:
+                runtime.append(probe_in_child(specs[role], context, new_tokens, repeats, device, dtype, runtime_batch))
             advance()
+        if in_process:
+            del model
         entry["runtime"] = runtime
         report[role] = entry
     if baseline:

@@ -1,12 +1,14 @@
 """Decode throughput, peak memory and the real KV cache of stock `generate()` at a context length.
 
-Each measurement runs in a child process (`python -m kvconvert.evaluation.runtime`). The model is loaded and
-warmed up with a 2-token generate from a 1-token prompt (every weight touched, no real cache); the memory in use
-then is the model's own memory. The peak is then reset and read again after the first full-length `generate()`
-(the timing warm-up), so it is the peak of one generate call: not of loading, and not inflated by what the
-allocator keeps and fragments across the repeated timing calls. On CPU it is the process's resident high-water
-mark (Linux `VmHWM`, reset through `/proc/self/clear_refs`; elsewhere `ru_maxrss`, which includes loading), on
-CUDA the allocator's (`torch.cuda.max_memory_allocated`). What a long `generate()` adds is peak − model.
+On CPU each measurement runs in a child process (`python -m kvconvert.evaluation.runtime`); on CUDA `eval`
+measures the model it already holds (`probes_in_process`), which saves a Python start-up, a CUDA context and a
+model load per model and context. The model is warmed up with a 2-token generate from a 1-token prompt (every
+weight touched, no real cache); the memory in use then is the model's own memory. The peak is then reset and
+read again after the first full-length `generate()` (the timing warm-up), so it is the peak of one generate
+call: not of loading, and not inflated by what the allocator keeps and fragments across the repeated timing
+calls. On CPU it is the process's resident high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs`;
+elsewhere `ru_maxrss`, which includes loading), on CUDA the allocator's (`torch.cuda.max_memory_allocated`).
+What a long `generate()` adds is peak − model.
 
 Timing: one warm-up `generate()`, then the median of `repeats` runs. A no-op logits processor stamps the time of
 every step of one ordinary `generate()` call: the first stamp comes right after the prefill, so prefill time is
@@ -89,18 +91,33 @@ class StepClock:
         return scores
 
 
-@torch.no_grad()
 def probe(model_path: str, context: int, new_tokens: int, repeats: int, device: str, dtype: str, batch: int) -> dict:
-    """Measure in this process (see module doc); returns a JSON-ready dict."""
-    from transformers import LogitsProcessorList
-
+    """Load the model in this process and measure it (see module doc); returns a JSON-ready dict."""
     from kvconvert.checkpoint import resolve
     from kvconvert.modeling import load_model, resolve_device, resolve_dtype
 
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 (decode speed is timed between steps)")
     dev = resolve_device(device)
-    model = load_model(resolve(model_path), dev, resolve_dtype(dtype, dev))
+    return probe_model(
+        load_model(resolve(model_path), dev, resolve_dtype(dtype, dev)), context, new_tokens, repeats, batch
+    )
+
+
+def probes_in_process(device: torch.device) -> bool:
+    """Whether `eval` probes the model it already holds: on CUDA the allocator's peak since a reset is exactly that
+    of one call; a CPU peak is the process's resident high-water mark, which needs a fresh process."""
+    return device.type == "cuda"
+
+
+@torch.no_grad()
+def probe_model(model, context: int, new_tokens: int, repeats: int, batch: int) -> dict:
+    """Measure a loaded model (see module doc); returns a JSON-ready dict."""
+    from transformers import LogitsProcessorList
+
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2 (decode speed is timed between steps)")
+    dev = next(model.parameters()).device
     pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     one = torch.zeros((1, 1), dtype=torch.long, device=dev)
     model.generate(one, attention_mask=torch.ones_like(one), max_new_tokens=2, do_sample=False, pad_token_id=pad)
