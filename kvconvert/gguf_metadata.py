@@ -1,7 +1,8 @@
 """A few metadata values of a GGUF file, read from its key-value header without loading the rest.
 
-`gguf.GGUFReader` maps every field of the file into numpy views before anything can be read; for a tokenizer of
-49k tokens that is about 3 s per open, paid on every run that names a GGUF model. This walks the header once,
+`gguf.GGUFReader` maps every field of the file into numpy views before anything can be read; for SmolLM2's
+49k-token vocabulary that is 1.9 s per open on this project's 2-core CPU machine, paid on every run that names a
+GGUF model. This walks the header once,
 skips what it is not asked for (fixed-size arrays by their lengths), and stops once the asked-for keys are found.
 The value types are the `gguf` package's own; their struct formats are listed here.
 """
