@@ -159,3 +159,24 @@ def test_json_summaries_carry_a_schema_version(tmp_path, tiny_llama, text_a):
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)
     assert plan["command"] == "run" and plan["dry_run"] and plan["steps"][0].startswith("model: ")
+
+
+def test_the_exit_without_teardown_still_joins_threads_runs_atexit_and_flushes(tmp_path):
+    """`main` ends with `os._exit` (no interpreter teardown), after what a normal exit does for outputs."""
+    code = (
+        "import atexit, sys, threading, time\n"
+        f"root = {str(tmp_path)!r}\n"
+        "atexit.register(lambda: open(root + '/atexit', 'w').write('ran'))\n"
+        "def late():\n"
+        "    time.sleep(0.5); open(root + '/thread', 'w').write('done')\n"
+        "threading.Thread(target=late).start()\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "sys.argv = ['kvconvert', '--help']\n"
+        "from kvconvert.cli import main\n"
+        "main()\n"
+        "print('never reached')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("buffered, no newline") and "compress" in r.stdout and "never reached" not in r.stdout
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
