@@ -2,9 +2,9 @@
 
 `gguf.GGUFReader` maps every field of the file into numpy views before anything can be read; for SmolLM2's
 49k-token vocabulary that is 1.9 s per open on this project's 2-core CPU machine, paid on every run that names a
-GGUF model. This walks the header once,
-skips what it is not asked for (fixed-size arrays by their lengths), and stops once the asked-for keys are found.
-The value types are the `gguf` package's own; their struct formats are listed here.
+GGUF model. This walks the header once, skips what it is not asked for (fixed-size arrays by their lengths), and
+stops once the asked-for keys are found. The value types are the `gguf` package's own; their struct formats are
+listed here.
 """
 
 from __future__ import annotations

@@ -96,8 +96,6 @@ def probe(model_path: str, context: int, new_tokens: int, repeats: int, device: 
     from kvconvert.checkpoint import resolve
     from kvconvert.modeling import load_model, resolve_device, resolve_dtype
 
-    if new_tokens < 2:
-        raise ValueError("new_tokens must be at least 2 (decode speed is timed between steps)")
     dev = resolve_device(device)
     return probe_model(
         load_model(resolve(model_path), dev, resolve_dtype(dtype, dev)), context, new_tokens, repeats, batch
