@@ -14,6 +14,7 @@ from transformers import AutoConfig, PretrainedConfig
 from kvconvert.errors import KVConvertError
 from kvconvert.families import Family, family_for
 from kvconvert.io.shards import raw_bytes
+from kvconvert.progress import Progress
 from kvconvert.sources import BUILTINS, builtin_gguf, cache_root, gguf_checkpoint, gguf_license, hub_snapshot
 from kvconvert.tensors import TensorReader, weight_files
 from kvconvert.types import AttentionWeights
@@ -147,12 +148,18 @@ class Checkpoint:
 
 
 def resolve(
-    spec: str, *, revision: str | None = None, allow_pickle: bool = False, trust_remote_code: bool = False
+    spec: str,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
 ) -> Checkpoint:
     """Local checkpoint for MODEL: a directory, a .gguf file, a built-in alias, or a Hub id.
 
     Pickle (`.bin`) weights are refused unless `allow_pickle`; then they are read with `weights_only=True` into a
-    cached safetensors copy. `trust_remote_code` is passed to transformers and is off unless asked for.
+    cached safetensors copy. `trust_remote_code` is passed to transformers and is off unless asked for. `progress`
+    hears of a first-time GGUF expansion.
     """
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -163,11 +170,13 @@ def resolve(
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise KVConvertError(f"GGUF file {spec} does not exist")
-        return Checkpoint(gguf_checkpoint(path.resolve()), spec, declared_license=gguf_license(path))
+        return Checkpoint(gguf_checkpoint(path.resolve(), progress), spec, declared_license=gguf_license(path))
     if spec in BUILTINS:
         b = BUILTINS[spec]
         gguf = builtin_gguf(b)
-        return Checkpoint(gguf_checkpoint(gguf), spec, base_model=b.base_model, declared_license=gguf_license(gguf))
+        return Checkpoint(
+            gguf_checkpoint(gguf, progress), spec, base_model=b.base_model, declared_license=gguf_license(gguf)
+        )
     if path.exists() or spec.startswith((".", "/", "~")):
         raise KVConvertError(f"{spec} is neither a checkpoint directory nor a .gguf file")
     local = _safetensors_dir(hub_snapshot(spec, revision, allow_pickle), spec, allow_pickle, trust_remote_code)

@@ -73,25 +73,31 @@ _FORMATS = {
 """struct formats (standard sizes) of GGUF's fixed-size value types, by `gguf.GGUFValueType` name."""
 
 
+def _open(fh: BinaryIO, path: Path | str) -> tuple[_Header, int, int]:
+    """The header reader of an open GGUF file, its tensor count and its key count (ValueError if not GGUF 2/3)."""
+    from gguf import GGUF_MAGIC
+    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+
+    head = fh.read(8)
+    if len(head) != 8 or struct.unpack("<I", head[:4])[0] != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file")
+    (version,) = struct.unpack("<I", head[4:])
+    order = "<" if version & 0xFFFF else ">"  # a version that reads as 0 in its low half: the other byte order
+    (version,) = struct.unpack(order + "I", head[4:])
+    if version not in READER_SUPPORTED_VERSIONS:
+        raise ValueError(f"{path} is GGUF version {version}, which cannot be read")
+    header = _Header(fh, order)
+    n_tensors, n_kv = header.unpack("QQ")
+    return header, n_tensors, n_kv
+
+
 def read_metadata(path: Path | str, keys: Iterable[str]) -> dict:
     """The values of those of `keys` that the GGUF file at `path` has (strings, numbers, bools, lists).
 
     Raises ValueError for a file that is not GGUF version 2 or 3 or whose header is cut short."""
-    from gguf import GGUF_MAGIC
-    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
-
     wanted, found = set(keys), {}
     with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8 or struct.unpack("<I", head[:4])[0] != GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file")
-        (version,) = struct.unpack("<I", head[4:])
-        order = "<" if version & 0xFFFF else ">"  # a version that reads as 0 in its low half: the other byte order
-        (version,) = struct.unpack(order + "I", head[4:])
-        if version not in READER_SUPPORTED_VERSIONS:
-            raise ValueError(f"{path} is GGUF version {version}, which cannot be read")
-        header = _Header(fh, order)
-        _, n_kv = header.unpack("QQ")
+        header, _, n_kv = _open(fh, path)
         for _ in range(n_kv):
             if len(found) == len(wanted):
                 break
@@ -101,3 +107,48 @@ def read_metadata(path: Path | str, keys: Iterable[str]) -> dict:
             if key in wanted:
                 found[key] = value
     return found
+
+
+def check_complete(path: Path | str) -> None:
+    """Raise ValueError (saying what is wrong) unless the GGUF file at `path` can be a whole model: its header
+    parses, names an architecture with its layer count and width, lists tensors, and the file holds every byte of
+    them (a cut download fails here, not as a traceback, or a default-sized model, from the loader)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as fh:
+        header, n_tensors, n_kv = _open(fh, path)
+        found: dict = {}
+        for _ in range(n_kv):
+            key = header.string()
+            (kind,) = header.unpack("I")
+            keep = key in ("general.architecture", "general.alignment") or key.endswith(
+                (".block_count", ".embedding_length")
+            )
+            value = header.value(kind, keep)
+            if keep:
+                found[key] = value
+        arch = found.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ValueError("its header names no general.architecture")
+        lacking = [k for k in (f"{arch}.block_count", f"{arch}.embedding_length") if k not in found]
+        if lacking or not n_tensors:
+            raise ValueError(f"its header lacks {', '.join(lacking) or 'tensors'}")
+        end = 0
+        for _ in range(n_tensors):
+            header.string(keep=False)
+            (n_dims,) = header.unpack("I")
+            dims = header.unpack("Q" * n_dims)
+            kind, offset = header.unpack("IQ")
+            try:
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise ValueError(f"a tensor has the unknown type {kind}") from None
+            count = 1
+            for d in dims:
+                count *= d
+            end = max(end, offset + count // block * size)
+        alignment = found.get("general.alignment", 32)
+        start = -(-fh.tell() // alignment) * alignment
+        size = Path(path).stat().st_size
+    if size < start + end:
+        raise ValueError(f"it is cut short: {size:,} bytes of the {start + end:,} its header describes")

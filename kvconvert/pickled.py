@@ -17,6 +17,7 @@ import torch
 
 from kvconvert.errors import KVConvertError
 from kvconvert.io.cache import locked_fill
+from kvconvert.io.digest import file_digest
 from kvconvert.io.shards import spec_of, write_index, write_safetensors
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -74,15 +75,14 @@ def unshare(state: dict[str, torch.Tensor], drop: set[str]) -> dict[str, torch.T
 def safetensors_copy(directory: Path, cache: Path, side_files: list[Path], tied: set[str]) -> Path:
     """A cached safetensors copy of the pickle checkpoint `directory` (built once, under a lock, by one process).
 
-    Keyed by the path, sizes and mtimes of the weights, config.json and `side_files` (tokenizer, generation files,
-    card), so an edit to any of them makes a new copy. `tied` names tensors that may be dropped when they share
-    storage with another (tied output embeddings).
+    Keyed by the names and contents (`file_digest`) of the weights, config.json and `side_files` (tokenizer,
+    generation files, card): an edit to any of them makes a new copy, a moved or re-downloaded checkpoint does not.
+    `tied` names tensors that may be dropped when they share storage with another (tied output embeddings).
     """
     files = pickle_weights(directory)
-    parts = [str(directory.resolve())]
+    parts = []
     for path in [*(directory / name for name in files), directory / "config.json", *side_files]:
-        st = path.stat() if path.exists() else None
-        parts.append(f"{path.name}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}")
+        parts.append(f"{path.name}:{file_digest(path, cache / 'pickle') if path.exists() else '-'}")
     key = hashlib.sha1(";".join(parts).encode()).hexdigest()[:12]
 
     def build(tmp: Path) -> None:

@@ -19,7 +19,7 @@ from kvconvert.distributed import Part
 from kvconvert.errors import KVConvertError
 from kvconvert.export import layers_in_write_order, prepare_output, write_checkpoint
 from kvconvert.heal import HealResult, run_heal
-from kvconvert.io.staging import scratch_dir
+from kvconvert.io.staging import check_output_first, scratch_dir
 from kvconvert.merge.rope import pair_coherence
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.overlap import OnLayer, PendingPlan
@@ -144,7 +144,8 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     progress = progress or Silent()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ckpt = req.resolve()
+    check_output_first(req.output, req.model, overwrite=req.overwrite, directory=True)
+    ckpt = req.resolve(progress)
     geom = ckpt.family.geometry(ckpt.config)
     n_new = parse_heads(req.heads, geom)
     prepare_output(req.output, ckpt.path, req.overwrite)

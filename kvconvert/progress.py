@@ -104,7 +104,6 @@ class RichProgress(AbstractContextManager):
     """Bars with rate and ETA on stderr when it is a terminal; `PlainProgress` lines when it is not."""
 
     def __init__(self, enabled: bool = True, line_every: float = LOG_INTERVAL) -> None:
-        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -114,17 +113,19 @@ class RichProgress(AbstractContextManager):
         )
         from rich.progress import Progress as _Progress
 
-        self._console = Console(stderr=True)
+        from kvconvert.console import make_console
+
+        self._console = make_console(stderr=True)
         self._enabled = enabled
         self._plain = PlainProgress(interval=line_every) if enabled and not self._console.is_terminal else None
         self._started = False
         self._bars = _Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}", markup=False),
             console=self._console,
             transient=False,
             disable=not enabled or self._plain is not None,

@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 from kvconvert.io.cache import locked_fill
+from kvconvert.progress import Progress, Silent, clock
 
 
 @dataclass(frozen=True)
@@ -121,31 +124,48 @@ def read_provenance(checkpoint_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def gguf_checkpoint(gguf: Path) -> Path:
+def gguf_checkpoint(gguf: Path, progress: Progress | None = None) -> Path:
     """Dequantize a GGUF file once into a cached safetensors checkpoint (config, weights, tokenizer) in the dtype of
     `gguf_provenance`, with that provenance beside it.
 
-    The fill is locked: concurrent processes (torchrun ranks with a cold cache) wait for one to build it.
+    The cache is keyed by the file's content (`file_digest`), so a reinstall, a fresh clone or a move reuses the
+    expansion. The fill is locked: concurrent processes (torchrun ranks with a cold cache) wait for one to build it.
     """
     import json
 
-    stat = gguf.stat()
+    from kvconvert.gguf_metadata import check_complete
+    from kvconvert.io.digest import file_digest
+
+    folder = cache_root() / "gguf"
     origin = gguf_provenance(gguf)
-    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}:{origin['dtype']}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{file_digest(gguf, folder)}:{origin['dtype']}".encode()).hexdigest()[:12]
     dtype = getattr(torch, origin["dtype"])
 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            check_complete(gguf)
+        except ValueError as exc:
+            raise KVConvertError(f"{gguf} is not a complete GGUF model ({exc}); download it again") from None
+        log, t0 = (progress or Silent()).log, time.perf_counter()
+        log(f"expanding {gguf.name} into {folder} (once; later runs reuse it)")
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, struct.error) as exc:  # a file it can't read
+            raise KVConvertError(f"transformers cannot load {gguf}: {first_line(exc)}") from exc
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.architectures = [type(loaded).__name__]
-        rebuilt = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        rebuilt.load_state_dict(loaded.state_dict())
+        with torch.device("meta"):  # no random initialisation of weights that are replaced at once
+            rebuilt = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        rebuilt.load_state_dict({n: t.to(dtype) for n, t in loaded.state_dict().items()}, assign=True)
+        rebuilt.tie_weights()
         rebuilt.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(origin, indent=2) + "\n")
+        log(f"expanded {gguf.name} in {clock(time.perf_counter() - t0)}")
 
-    return locked_fill(cache_root() / "gguf" / f"{gguf.stem}-{key}", build)
+    return locked_fill(folder / f"{gguf.stem}-{key}", build)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from kvconvert import __version__
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 from kvconvert.io.shards import SafetensorsWriter
 from kvconvert.io.staging import check_not_input, check_replaceable, output_lock, swap_into_place, temporary_of
 
@@ -222,8 +222,7 @@ class CalibrationStats:
         except KVConvertError:
             raise
         except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise KVConvertError(f"cannot read statistics file {path}: {first}; recalibrate") from None
+            raise KVConvertError(f"cannot read statistics file {path}: {first_line(exc)}; recalibrate") from None
         if not torch.isfinite(sum_x).all():
             raise KVConvertError(f"{path} contains NaN/Inf; recalibrate with --dtype bfloat16 or float32")
         if n_tokens <= 0:

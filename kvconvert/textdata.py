@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 from kvconvert.progress import Progress, Silent
 
 SELF = "self"
@@ -108,9 +108,8 @@ def _hub(path: str, **kwargs) -> Iterable[dict]:
     try:
         return datasets.load_dataset(path, **kwargs)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KVConvertError(
-            f"cannot load dataset {path} ({first}); offline, use a local text file or --dataset self"
+            f"cannot load dataset {path} ({first_line(exc)}); offline, use a local text file or --dataset self"
         ) from exc
 
 

@@ -16,7 +16,7 @@ import torch
 
 from kvconvert.checkpoint import Checkpoint
 from kvconvert.converted import Converted
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 from kvconvert.export import TensorSource, output_specs
 from kvconvert.io.shards import spec_of
 from kvconvert.memory import release_memory
@@ -133,8 +133,7 @@ def verify_streamed(
     try:
         got = layerwise_logits(written, ids, device)
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"the written checkpoint does not run with its own config ({first}); please report this"
+        msg = f"the written checkpoint does not run with its own config ({first_line(exc)}); please report this"
         raise KVConvertError(msg) from exc
     if got.shape != want.shape:
         raise KVConvertError(f"written checkpoint gives logits of shape {list(got.shape)}, not {list(want.shape)}")

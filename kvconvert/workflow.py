@@ -13,6 +13,7 @@ from kvconvert.checkpoint import Checkpoint
 from kvconvert.config import CalibrateConfig, CompressRequest, EvalRequest, HealRequest, PushRequest, SourceConfig
 from kvconvert.errors import KVConvertError
 from kvconvert.export import prepare_output
+from kvconvert.io.staging import check_output_first
 from kvconvert.modeling import resolve_device, resolve_dtype
 from kvconvert.pipeline import CompressResult, run_compress
 from kvconvert.preflight import check_source
@@ -63,13 +64,14 @@ def compress_request(recipe: Recipe, stats: Path | None) -> CompressRequest:
     )
 
 
-def preflight(recipe: Recipe) -> Checkpoint:
+def preflight(recipe: Recipe, progress: Progress | None = None) -> Checkpoint:
     """Everything that can fail in seconds: push target and access, model, head count, output, source files."""
     if recipe.push:
         p = recipe.push
         hub.check_target(p.repo_id, p.revision, p.create_pr)
         hub.check_access(p.repo_id)
-    ckpt = recipe.resolve()
+    check_output_first(recipe.output, recipe.model, overwrite=recipe.overwrite, directory=True)
+    ckpt = recipe.resolve(progress)
     parse_heads(recipe.compress.heads, ckpt.family.geometry(ckpt.config))
     prepare_output(recipe.output, ckpt.path, recipe.overwrite)
     check_source(ckpt, require_tokenizer=not recipe.compress.allow_missing_tokenizer)
@@ -109,7 +111,7 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
     progress = progress or Silent()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ckpt = preflight(recipe)
+    ckpt = preflight(recipe, progress)
     timings["preflight"] = time.perf_counter() - t0
 
     cal = calibration_request(recipe)

@@ -42,19 +42,23 @@ def test_calibrate_then_compress_then_eval(tmp_path, tiny_llama, text_a, text_b)
         ],
     )
     assert r.exit_code == 0, r.output
-    out = tmp_path / "out"
+    out = tmp_path / ("[draft] " + "a-long-output-name-" * 5)  # brackets rich would read as markup; > 80 columns
     r = runner.invoke(app, ["compress", str(tiny_llama), "--heads", "0.25", "--stats", str(stats), "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "time by stage" in r.output and "verified" in r.output
+    assert f"wrote {out}\n" in r.output  # printed as given, on one line
     record = json.loads((out / "kvconvert.json").read_text())
     assert record["num_key_value_heads"] == {"before": 4, "after": 1}
     assert len(record["layers"]) == 2 and record["calibration"]["dataset"] == str(text_a)
-    args = f"eval {out} --baseline {tiny_llama} --dataset {text_b} --samples 2 --seq-len 32 --json".split()
+    args = ["eval", str(out), *f"--baseline {tiny_llama} --dataset {text_b} --samples 2 --seq-len 32 --json".split()]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["model"]["kv_cache"]["bytes_per_token"] * 4 == report["baseline"]["kv_cache"]["bytes_per_token"]
     assert report["model"]["perplexity"] > 1 and report["baseline"]["perplexity"] > 1
+    r = runner.invoke(app, args[:-1])  # the tables: whole paths, nothing cut at 80 columns
+    assert r.exit_code == 0, r.output
+    assert str(out) in r.output and str(tiny_llama) in r.output
 
 
 @pytest.mark.parametrize(("heads", "message"), [("3", "does not divide"), ("4", "not lower"), ("0.3", "keeps")])
@@ -63,6 +67,51 @@ def test_bad_heads_exit_2_with_one_line(tiny_llama, tmp_path, heads, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "valid counts" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "run", "calibrate"])
+def test_a_full_output_is_refused_before_the_model_is_fetched_or_expanded(tmp_path, monkeypatch, command):
+    from gguf import GGUFValueType
+
+    from tests.test_gguf_metadata import write_gguf
+
+    gguf, out, cache = tmp_path / "m.gguf", tmp_path / "out", tmp_path / "cache"
+    write_gguf(gguf, {"general.name": (GGUFValueType.STRING, None, "m")})  # a header only: expanding it would fail
+    out.mkdir()
+    (out / "keep.txt").write_text("a user's file")
+    monkeypatch.setenv("KVCONVERT_CACHE", str(cache))
+    if command == "compress":
+        args = ["compress", str(gguf), "--heads", "1", "--dataset", "pydoc", "-o", str(out)]
+    elif command == "calibrate":
+        out = out / "keep.txt"  # an existing statistics output
+        args = ["calibrate", str(gguf), "--dataset", "pydoc", "-o", str(out)]
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"model: {gguf}\noutput: {out}\ncompress: {{heads: 1}}\ncalibrate: {{dataset: pydoc}}\n")
+        args = ["run", str(recipe)]
+    r = runner.invoke(app, args)  # in process, so the error is not yet the one line and exit code 2 of `main`
+    assert isinstance(r.exception, KVConvertError), r.output
+    assert ("already exists" if command == "calibrate" else "is not empty") in str(r.exception)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "a user's file" and not (cache / "gguf").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut", "alien"])
+def test_a_cut_or_unsupported_gguf_is_one_line_and_leaves_no_cache_entry(tmp_path, damage):
+    from tests.test_gguf_metadata import write_model_gguf
+
+    gguf, cache = tmp_path / "m.gguf", tmp_path / "cache"
+    write_model_gguf(gguf, arch="alien" if damage == "alien" else "llama")
+    if damage == "cut":
+        gguf.write_bytes(gguf.read_bytes()[:-100])  # an interrupted download
+    env = os.environ | {"KVCONVERT_CACHE": str(cache)}
+    args = [sys.executable, "-m", "kvconvert", "compress", str(gguf), "--heads", "1", "-o", str(tmp_path / "o")]
+    r = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("kvconvert: error:")]
+    assert len(error) == 1 and "Traceback" not in r.stderr
+    assert ("cut short" if damage == "cut" else "architecture alien is not supported") in error[0]
+    assert not [p for p in (cache / "gguf").iterdir() if p.is_dir()]
     assert not (tmp_path / "o").exists()
 
 

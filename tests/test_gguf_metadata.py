@@ -10,7 +10,7 @@ from gguf import GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvconvert.gguf_metadata import read_metadata
+from kvconvert.gguf_metadata import check_complete, read_metadata
 from kvconvert.sources import gguf_license, gguf_provenance
 
 SCALARS = {
@@ -106,3 +106,46 @@ def test_damaged_or_foreign_files_are_value_errors_and_lose_only_the_card_lines(
         read_metadata(old, ["general.license"])
     assert gguf_license(cut) is None and gguf_license(foreign) is None
     assert gguf_provenance(cut)["dtype_from"] == "default for quantized GGUF"
+
+
+def write_model_gguf(path: Path, arch: str = "llama", hparams: bool = True) -> None:
+    """A GGUF with an architecture, its hyperparameters (unless not `hparams`) and three tensors, two quantized."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quantize
+
+    writer = GGUFWriter(path, arch)
+    if hparams:
+        writer.add_block_count(1)
+        writer.add_embedding_length(64)
+    writer.add_tensor("token_embd.weight", np.ones((16, 64), np.float32))
+    for name, qtype in (
+        ("blk.0.attn_q.weight", GGMLQuantizationType.Q8_0),
+        ("output.weight", GGMLQuantizationType.Q4_0),
+    ):
+        data = quantize(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_complete_gguf_passes_and_cut_or_partial_ones_say_what_is_wrong(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_model_gguf(path)
+    check_complete(path)  # every byte its header describes is there
+    whole = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:-1])  # the last byte of the last tensor missing
+    with pytest.raises(ValueError, match=f"cut short: {len(whole) - 1:,} bytes of the {len(whole):,}"):
+        check_complete(cut)
+    cut.write_bytes(whole[:200])
+    with pytest.raises(ValueError, match="ends early"):
+        check_complete(cut)
+    write_model_gguf(path, hparams=False)
+    with pytest.raises(ValueError, match=r"lacks llama\.block_count, llama\.embedding_length$"):
+        check_complete(path)
+    u32 = GGUFValueType.UINT32
+    write_gguf(path, {"llama.block_count": (u32, None, 1), "llama.embedding_length": (u32, None, 64)})
+    with pytest.raises(ValueError, match="lacks tensors"):
+        check_complete(path)

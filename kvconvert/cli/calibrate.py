@@ -19,6 +19,7 @@ def calibrate(req: CalibrateRequest, json: bool) -> None:
     Launch with `torchrun --nproc_per_node N` (or `accelerate launch`) to split the windows across processes.
     """
     from kvconvert.distributed import current_part
+    from kvconvert.io.staging import check_output_first
     from kvconvert.pipeline import run_calibration
     from kvconvert.preflight import check_source
     from kvconvert.progress import RichProgress
@@ -26,7 +27,8 @@ def calibrate(req: CalibrateRequest, json: bool) -> None:
 
     t0 = time.perf_counter()
     with current_part() as part, RichProgress(enabled=part.is_main and not json) as progress:
-        ckpt = req.resolve()
+        check_output_first(req.output, req.model, overwrite=req.overwrite, directory=False)
+        ckpt = req.resolve(progress)
         check_source(ckpt, require_tokenizer=False)
         with stats_output(req.output, req.overwrite, inputs=[ckpt.path], writer=part.is_main):
             stats = run_calibration(ckpt, req, req.output, progress, part)

@@ -76,10 +76,10 @@ def summary(result) -> dict:
 
 
 def report(result) -> None:
-    from rich.console import Console
+    from kvconvert.console import make_console
 
     s = summary(result)
-    console = Console()
+    console = make_console()
     heads, retained = s["num_key_value_heads"], s["retained"]
     console.print(
         f"{heads['before']} -> {heads['after']} KV heads ({s['method']}, {s['grouping']}); "

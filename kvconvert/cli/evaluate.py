@@ -60,10 +60,11 @@ def _mib(n: float) -> str:
 
 def render(result: dict) -> None:
     """The report as rich tables."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from kvconvert.console import make_console
+
+    console = make_console()
     roles = [r for r in ("baseline", "model") if r in result]
     table = Table(title=f"{result['dataset']}: {result['samples']} x {result['seq_len']} tokens, {result['dtype']}")
     tokens = result[roles[0]]["kv_cache"]["measured_tokens"]

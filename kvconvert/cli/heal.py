@@ -32,10 +32,10 @@ def heal(req: HealRequest, json: bool) -> None:
 
 
 def report(result) -> None:
-    from rich.console import Console
+    from kvconvert.console import make_console
 
     h = result.record.heal
-    console = Console()
+    console = make_console()
     console.print(
         f"healed {h.tokens} tokens in {h.steps} steps ({h.train}, {h.processes} process(es)); "
         f"final loss {h.final_loss:.4f}; {result.seconds:.0f}s"

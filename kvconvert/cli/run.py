@@ -33,9 +33,8 @@ def run_command(recipe: Path, set: list[str] | None, dry_run: bool, json: bool) 
     if dry_run:
         emit("run", {"dry_run": True, "steps": describe(parsed)}, json, "\n".join(describe(parsed)))
         return
-    from rich.console import Console
-
     from kvconvert.cli.compress import stage_table, summary
+    from kvconvert.console import make_console
     from kvconvert.progress import RichProgress
     from kvconvert.workflow import run_recipe
 
@@ -48,7 +47,7 @@ def run_command(recipe: Path, set: list[str] | None, dry_run: bool, json: bool) 
     emit("run", {"dry_run": False, "output": str(result.output), **data, "timings": result.timings}, json)
     if json:
         return
-    console = Console()
+    console = make_console()
     plan = result.compress.plan
     console.print(f"{plan.num_kv_heads_before} -> {plan.num_kv_heads_after} KV heads: wrote {result.output}")
     if result.evaluation and "comparison" in result.evaluation:

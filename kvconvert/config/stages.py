@@ -66,12 +66,16 @@ class SourceConfig(StageConfig):
         False, "Let transformers run the checkpoint's own Python code (auto_map).", SAFETY
     )
 
-    def resolve(self):
-        """The local `Checkpoint` for `model` (see `kvconvert.checkpoint.resolve`)."""
+    def resolve(self, progress=None):
+        """The local `Checkpoint` for `model` (see `kvconvert.checkpoint.resolve`; `progress`: a `Progress`)."""
         from kvconvert.checkpoint import resolve
 
         return resolve(
-            self.model, revision=self.revision, allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code
+            self.model,
+            revision=self.revision,
+            allow_pickle=self.allow_pickle,
+            trust_remote_code=self.trust_remote_code,
+            progress=progress,
         )
 
 

@@ -37,7 +37,7 @@ def evaluate(
     dt = resolve_dtype(dtype, dev)
     contexts = contexts or []
     specs = {"model": model_spec} | ({"baseline": baseline} if baseline else {})
-    ckpts = {role: resolve(spec) for role, spec in specs.items()}
+    ckpts = {role: resolve(spec, progress=progress) for role, spec in specs.items()}
     tokenizer = load_tokenizer(ckpts["model"])
     report: dict = {
         "schema": SCHEMA,

@@ -75,7 +75,7 @@ def run_heal(
 
     progress = progress or Silent()
     t_start = time.perf_counter()
-    student_ckpt, teacher_ckpt = resolve(req.student), resolve(req.teacher)
+    student_ckpt, teacher_ckpt = resolve(req.student, progress=progress), resolve(req.teacher, progress=progress)
     check_request(req, teacher_ckpt, student_ckpt)
     device = resolve_device(req.device)
     dtype = resolve_dtype(req.dtype, device)

@@ -111,6 +111,15 @@ def check_replaceable(output: Path, *, overwrite: bool, directory: bool) -> None
             raise KVConvertError(f"output {output} already exists; pass --overwrite or choose another path")
 
 
+def check_output_first(output: Path, model: str, *, overwrite: bool, directory: bool) -> None:
+    """The output checks that need no resolved model, before a download or a GGUF expansion: not inside a local
+    MODEL path, and nothing replaced without `overwrite` (`prepare_output`/`stats_output` check again later)."""
+    local = Path(model).expanduser()
+    if local.exists():
+        check_not_input(output, [local])
+    check_replaceable(output, overwrite=overwrite, directory=directory)
+
+
 def swap_into_place(tmp: Path, output: Path) -> None:
     """Rename the finished `tmp` (file or directory) to `output`, replacing an old `output` only at the very end.
 

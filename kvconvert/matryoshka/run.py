@@ -152,7 +152,7 @@ def run_matryoshka(req: MatryoshkaRunRequest, progress: Progress | None = None) 
         raise KVConvertError(f"--values-only keeps every key dim, so --budget {req.budget} must be above 0.5")
     if req.fold_values and not req.values_only:
         raise KVConvertError("--fold-values is exact only for a values-only cut; add --values-only")
-    ckpt = resolve(req.model)
+    ckpt = resolve(req.model, progress=progress)
     in_place = req.output.resolve() == ckpt.path.resolve()  # a recipe adds the projections to its own output
     if not in_place:
         prepare_output(req.output, ckpt.path, req.overwrite)

@@ -50,7 +50,7 @@ def run_profile(req: ProfileRunRequest, progress: Progress | None = None) -> dic
     from kvconvert.checkpoint import resolve
     from kvconvert.modeling import load_model, resolve_device, resolve_dtype
 
-    ckpt = resolve(req.model)
+    ckpt = resolve(req.model, progress=progress)
     dev = resolve_device(req.device)
     model = load_model(ckpt, dev, resolve_dtype(req.dtype, dev))
     config = model.config.get_text_config()
