@@ -19,7 +19,15 @@ class _Header:
     """Sequential reads of a GGUF header in the file's byte order."""
 
     def __init__(self, fh: BinaryIO, order: str) -> None:
-        self.fh, self.order = fh, order
+        import os
+
+        self.fh, self.order, self.size = fh, order, os.fstat(fh.fileno()).st_size
+
+    def skip(self, n: int) -> None:
+        """Move past `n` bytes that must lie inside the file (a damaged length must not seek or allocate wildly)."""
+        if n > self.size - self.fh.tell():
+            raise ValueError("GGUF header ends early")
+        self.fh.seek(n, 1)
 
     def unpack(self, fmt: str) -> tuple:
         size = struct.calcsize(self.order + fmt)
@@ -31,8 +39,10 @@ class _Header:
     def string(self, keep: bool = True) -> str | None:
         (n,) = self.unpack("Q")
         if not keep:
-            self.fh.seek(n, 1)
+            self.skip(n)
             return None
+        if n > self.size - self.fh.tell():
+            raise ValueError("GGUF header ends early")
         data = self.fh.read(n)
         if len(data) != n:
             raise ValueError("GGUF header ends early")
@@ -49,8 +59,10 @@ class _Header:
             item, count = self.unpack("IQ")
             fixed = _FORMATS.get(GGUFValueType(item).name)
             if not keep and fixed is not None:
-                self.fh.seek(count * struct.calcsize("<" + fixed), 1)
+                self.skip(count * struct.calcsize("<" + fixed))
                 return None
+            if count > self.size - self.fh.tell():  # every item takes at least a byte
+                raise ValueError("GGUF header ends early")
             items = [self.value(item, keep) for _ in range(count)]
             return items if keep else None
         (raw,) = self.unpack(_FORMATS[vtype.name])
@@ -137,6 +149,8 @@ def check_complete(path: Path | str) -> None:
         for _ in range(n_tensors):
             header.string(keep=False)
             (n_dims,) = header.unpack("I")
+            if n_dims > 4:  # GGML_MAX_DIMS
+                raise ValueError(f"a tensor has {n_dims} dimensions")
             dims = header.unpack("Q" * n_dims)
             kind, offset = header.unpack("IQ")
             try:
@@ -148,6 +162,8 @@ def check_complete(path: Path | str) -> None:
                 count *= d
             end = max(end, offset + count // block * size)
         alignment = found.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise ValueError(f"its general.alignment is {alignment!r}")
         start = -(-fh.tell() // alignment) * alignment
         size = Path(path).stat().st_size
     if size < start + end:

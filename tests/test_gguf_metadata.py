@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
@@ -149,3 +150,19 @@ def test_a_complete_gguf_passes_and_cut_or_partial_ones_say_what_is_wrong(tmp_pa
     write_gguf(path, {"llama.block_count": (u32, None, 1), "llama.embedding_length": (u32, None, 64)})
     with pytest.raises(ValueError, match="lacks tensors"):
         check_complete(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4))
+def test_random_byte_damage_passes_or_is_one_value_error(tmp_path, damage):
+    path, bad = tmp_path / "m.gguf", tmp_path / "bad.gguf"
+    if not path.exists():
+        write_model_gguf(path)
+    data = bytearray(path.read_bytes())
+    for at, byte in damage:
+        data[at % len(data)] = byte
+    bad.write_bytes(bytes(data))
+    with contextlib.suppress(ValueError):  # anything else (OSError, MemoryError, ...) fails the test
+        check_complete(bad)
+    with contextlib.suppress(ValueError):
+        read_metadata(bad, ["general.alignment", "tokenizer.ggml.tokens"])
