@@ -23,13 +23,13 @@ U32, STR = GGUFValueType.UINT32, GGUFValueType.STRING
 def counting_hashes(monkeypatch) -> list[str]:
     """The names of the files `file_digest` reads from here on."""
     seen: list[str] = []
-    real = hashlib.file_digest
+    real = digest.sha256_of
 
-    def counted(f, name):
-        seen.append(Path(f.name).name)
-        return real(f, name)
+    def counted(path):
+        seen.append(Path(path).name)
+        return real(path)
 
-    monkeypatch.setattr(digest.hashlib, "file_digest", counted)
+    monkeypatch.setattr(digest, "sha256_of", counted)
     return seen
 
 

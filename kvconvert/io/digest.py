@@ -35,13 +35,21 @@ def file_digest(path: Path, memo_dir: Path) -> str:
             and isinstance(known.get("sha256"), str)
         ):
             return known["sha256"]
-    with path.open("rb") as f:  # outside the lock: other files' lookups need not wait for a large read
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = sha256_of(path)  # outside the lock: other files' lookups need not wait for a large read
     with FileLock(memo_dir / f".{MEMO}.lock"):
         memo = {p: v for p, v in _read(memo_path).items() if Path(p).exists()}
         memo[str(path)] = stamp | {"sha256": digest}
         write_text(memo_path, json.dumps(memo, indent=1, sort_keys=True) + "\n")
     return digest
+
+
+def sha256_of(path: Path, chunk: int = 1 << 23) -> str:
+    """The sha256 of a file, read in 8 MiB chunks (`hashlib.file_digest` needs Python 3.11)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _read(memo_path: Path) -> dict:
