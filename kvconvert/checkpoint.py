@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 from kvconvert.families import Family, family_for
 from kvconvert.io.shards import raw_bytes
 from kvconvert.progress import Progress
@@ -59,7 +59,7 @@ class Checkpoint:
                     f"{self.spec} needs its own Python code to load (auto_map in config.json), which kvconvert does "
                     "not run by default; pass --trust-remote-code only if you trust that code"
                 ) from None
-            raise KVConvertError(f"cannot read {self.path / 'config.json'}: {str(exc).splitlines()[0]}") from exc
+            raise KVConvertError(f"cannot read {self.path / 'config.json'}: {first_line(exc)}") from exc
 
     @cached_property
     def raw_config(self) -> dict:

@@ -9,8 +9,9 @@ listed here.
 
 from __future__ import annotations
 
+import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,10 +24,14 @@ class _Header:
 
         self.fh, self.order, self.size = fh, order, os.fstat(fh.fileno()).st_size
 
-    def skip(self, n: int) -> None:
-        """Move past `n` bytes that must lie inside the file (a damaged length must not seek or allocate wildly)."""
+    def need(self, n: int) -> None:
+        """Refuse a length of `n` bytes that runs past the file's end (a damaged length must not seek or allocate
+        wildly)."""
         if n > self.size - self.fh.tell():
             raise ValueError("GGUF header ends early")
+
+    def skip(self, n: int) -> None:
+        self.need(n)
         self.fh.seek(n, 1)
 
     def unpack(self, fmt: str) -> tuple:
@@ -41,8 +46,7 @@ class _Header:
         if not keep:
             self.skip(n)
             return None
-        if n > self.size - self.fh.tell():
-            raise ValueError("GGUF header ends early")
+        self.need(n)
         data = self.fh.read(n)
         if len(data) != n:
             raise ValueError("GGUF header ends early")
@@ -61,8 +65,7 @@ class _Header:
             if not keep and fixed is not None:
                 self.skip(count * struct.calcsize("<" + fixed))
                 return None
-            if count > self.size - self.fh.tell():  # every item takes at least a byte
-                raise ValueError("GGUF header ends early")
+            self.need(count)  # every item takes at least a byte
             items = [self.value(item, keep) for _ in range(count)]
             return items if keep else None
         (raw,) = self.unpack(_FORMATS[vtype.name])
@@ -103,6 +106,14 @@ def _open(fh: BinaryIO, path: Path | str) -> tuple[_Header, int, int]:
     return header, n_tensors, n_kv
 
 
+def _entries(header: _Header, n_kv: int, keep: Callable[[str], bool]) -> Iterator[tuple[str, object]]:
+    """The header's key-value pairs in order; the values of keys that `keep` refuses are skipped, and None."""
+    for _ in range(n_kv):
+        key = header.string()
+        (kind,) = header.unpack("I")
+        yield key, header.value(kind, keep(key))
+
+
 def read_metadata(path: Path | str, keys: Iterable[str]) -> dict:
     """The values of those of `keys` that the GGUF file at `path` has (strings, numbers, bools, lists).
 
@@ -110,14 +121,13 @@ def read_metadata(path: Path | str, keys: Iterable[str]) -> dict:
     wanted, found = set(keys), {}
     with open(path, "rb") as fh:
         header, _, n_kv = _open(fh, path)
-        for _ in range(n_kv):
-            if len(found) == len(wanted):
-                break
-            key = header.string()
-            (kind,) = header.unpack("I")
-            value = header.value(kind, keep=key in wanted)
+        if not wanted:
+            return found
+        for key, value in _entries(header, n_kv, wanted.__contains__):
             if key in wanted:
                 found[key] = value
+                if len(found) == len(wanted):  # stop early: the rest of the header is not read
+                    break
     return found
 
 
@@ -129,16 +139,13 @@ def check_complete(path: Path | str) -> None:
 
     with open(path, "rb") as fh:
         header, n_tensors, n_kv = _open(fh, path)
-        found: dict = {}
-        for _ in range(n_kv):
-            key = header.string()
-            (kind,) = header.unpack("I")
-            keep = key in ("general.architecture", "general.alignment") or key.endswith(
+
+        def keep(key: str) -> bool:
+            return key in ("general.architecture", "general.alignment") or key.endswith(
                 (".block_count", ".embedding_length")
             )
-            value = header.value(kind, keep)
-            if keep:
-                found[key] = value
+
+        found = {key: value for key, value in _entries(header, n_kv, keep) if keep(key)}
         arch = found.get("general.architecture")
         if not isinstance(arch, str):
             raise ValueError("its header names no general.architecture")
@@ -157,14 +164,10 @@ def check_complete(path: Path | str) -> None:
                 block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
             except (ValueError, KeyError):
                 raise ValueError(f"a tensor has the unknown type {kind}") from None
-            count = 1
-            for d in dims:
-                count *= d
-            end = max(end, offset + count // block * size)
+            end = max(end, offset + math.prod(dims) // block * size)
         alignment = found.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0:
             raise ValueError(f"its general.alignment is {alignment!r}")
         start = -(-fh.tell() // alignment) * alignment
-        size = Path(path).stat().st_size
-    if size < start + end:
-        raise ValueError(f"it is cut short: {size:,} bytes of the {start + end:,} its header describes")
+    if header.size < start + end:
+        raise ValueError(f"it is cut short: {header.size:,} bytes of the {start + end:,} its header describes")

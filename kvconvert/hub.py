@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kvconvert.card import CARD, card_is_ours, model_card, update_record
 from kvconvert.config import PushRequest
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 from kvconvert.record import RECORD, dump_record, load_record
 from kvconvert.tensors import TensorReader
 
@@ -45,7 +45,7 @@ def check_target(repo_id: str, revision: str | None = None, create_pr: bool = Fa
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise KVConvertError(f"{repo_id!r} is not a valid Hub repo id: {str(exc).splitlines()[0]}") from None
+        raise KVConvertError(f"{repo_id!r} is not a valid Hub repo id: {first_line(exc)}") from None
     if "/" not in repo_id:
         raise KVConvertError(f"repo id {repo_id!r} needs a namespace: pass NAMESPACE/{repo_id}")
     if create_pr and revision:

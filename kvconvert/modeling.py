@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvconvert.checkpoint import Checkpoint
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,5 +45,5 @@ def load_tokenizer(ckpt: Checkpoint | str):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     except (OSError, ValueError) as exc:
         raise KVConvertError(
-            f"no usable tokenizer in {path} ({str(exc).splitlines()[0]}); copy the base model's tokenizer files there"
+            f"no usable tokenizer in {path} ({first_line(exc)}); copy the base model's tokenizer files there"
         ) from exc

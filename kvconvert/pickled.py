@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kvconvert.errors import KVConvertError
+from kvconvert.errors import KVConvertError, first_line
 from kvconvert.io.cache import locked_fill
 from kvconvert.io.digest import file_digest
 from kvconvert.io.shards import spec_of, write_index, write_safetensors
@@ -49,7 +49,7 @@ def load_pickle_shard(path: Path) -> dict[str, torch.Tensor]:
             "convert it to safetensors on a machine where you trust the file"
         ) from exc
     except Exception as exc:
-        raise KVConvertError(f"cannot read pickle shard {path}: {str(exc).splitlines()[0]}; re-download it") from exc
+        raise KVConvertError(f"cannot read pickle shard {path}: {first_line(exc)}; re-download it") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KVConvertError(f"{path} is not a flat state dict of tensors; save it with model.save_pretrained()")
     return state

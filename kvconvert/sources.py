@@ -81,7 +81,7 @@ def hub_snapshot(repo_id: str, revision: str | None, allow_pickle: bool = False)
     except LocalEntryNotFoundError as exc:
         raise KVConvertError(f"cannot reach the Hub for {repo_id} and it is not cached; use a local path") from exc
     except (HfHubHTTPError, ValueError) as exc:
-        raise KVConvertError(f"cannot download {repo_id} from the Hub: {str(exc).splitlines()[0]}") from exc
+        raise KVConvertError(f"cannot download {repo_id} from the Hub: {first_line(exc)}") from exc
 
 
 PROVENANCE = "kvconvert-source.json"
