@@ -105,6 +105,28 @@ def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict:
     return evaluate(req.model, **req.model_dump(exclude={"model", "cache", "cache_prompt"}), progress=progress)
 
 
+def run_eval_cache(req: EvalRequest, progress: Progress | None = None) -> dict:
+    """`kvconvert eval --cache`: the report of `kvconvert.evaluation.cached.evaluate_cache` on `req`'s text."""
+    from kvconvert.checkpoint import resolve
+    from kvconvert.evaluation.cached import evaluate_cache
+    from kvconvert.evaluation.perplexity import eval_windows
+    from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    ckpt, dev = resolve(req.model, progress=progress), resolve_device(req.device)
+    lm, tok = load_model(ckpt, dev, resolve_dtype(req.dtype, dev)), load_tokenizer(ckpt)
+    windows = eval_windows(lm, tok, req.dataset, req.samples, req.seq_len, req.seed, 1)
+    return evaluate_cache(
+        lm,
+        tok,
+        req.cache,
+        windows,
+        req.contexts,
+        new_tokens=req.new_tokens,
+        prompt_fraction=req.cache_prompt,
+        progress=progress,
+    )
+
+
 def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult:
     from kvconvert.pipeline import run_calibration
 

@@ -356,3 +356,30 @@ def test_eval_cache_matryoshka_cuts_against_the_models_own_full_attention(tiny, 
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
     assert report["methods"]["full"]["perplexity"] == pytest.approx(math.exp(float(ce)), rel=1e-4)
     assert abs(report["methods"][spec]["perplexity"] - report["methods"]["full"]["perplexity"]) > 1e-3
+
+
+@torch.no_grad()
+def test_sliding_window_layers_keep_only_their_window_and_match_the_masked_pass(tmp_path):
+    """Gemma 3-style models: a sliding-window layer's cache keeps its last `window - 1` tokens (as transformers'
+    own DynamicSlidingWindowLayer), decoding still equals the uncached masked pass, and the computed bytes count
+    the window."""
+    from tests.tiny import make_random
+
+    path = make_random(tmp_path / "g3", "gemma3", heads=4, kv_heads=KV, head_dim=D, layers=LAYERS)
+    model = fresh(path)
+    assert model.config.layer_types == ["sliding_attention", "full_attention"] and model.config.sliding_window == 8
+    ids = ids_for(model, n=2, t=20, seed=3)
+    rt = MatryoshkaRuntime(random_projections(3).with_rates(MIXED_K, MIXED_V))
+    rt.attach(model)
+    masked = model(ids, use_cache=False).logits
+    cache = rt.new_cache(model, 2)
+    steps = [model(ids[:, :11], past_key_values=cache, use_cache=True).logits]  # a prompt longer than the window
+    for t in range(11, ids.shape[1]):
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(steps, 1), masked, atol=1e-5)
+    sliding, full = cache.layers
+    assert cache.get_seq_length() == 20 and sliding.is_sliding and not full.is_sliding
+    assert {t.shape[-2] for t in sliding.group_keys + sliding.group_values} == {7}
+    assert {t.shape[-2] for t in full.group_keys + full.group_values} == {20}
+    per_layer = (MIXED_K + MIXED_V).sum(1)
+    assert cache.nbytes() == rt.kv_bytes(20, 2) == 2 * 4 * int(7 * per_layer[0] + 20 * per_layer[1])

@@ -113,6 +113,53 @@ def test_eval_cache_reports_held_bytes_equal_to_computed(tmp_path, tiny_llama):
     assert razor["perplexity"] != report["methods"]["full"]["perplexity"]  # the window (16) is shorter than 64
 
 
+class _Steps:
+    """A Progress that records each task's total and how far it was advanced."""
+
+    def __init__(self):
+        self.tasks: dict[str, list[int | None]] = {}
+
+    def task(self, description, total):
+        self.tasks[description] = [total, 0]
+
+        def advance(n=1, info=None):
+            self.tasks[description][1] += n
+
+        return advance
+
+    def log(self, message):
+        pass
+
+
+def test_eval_cache_cli_prints_a_table_or_json_and_reports_progress(tmp_path, tiny_llama, text_b):
+    """`eval --cache` shows a table (JSON only with --json), and each cache's bar runs to its total."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvconvert.evaluation.cached import evaluate_cache
+    from kvconvert.razor.store import SCHEMA
+
+    profile = tmp_path / "p.json"
+    runtime = {"sinks": 2, "window_floor": 16, "window_fraction": 0.0, "compensation": True}
+    profile.write_text(json.dumps({"schema": SCHEMA, "retrieval": [[0], [1, 2]], "runtime": runtime}))
+    base = ["eval", str(tiny_llama), "--cache", f"razor:{profile}", "--dataset", str(text_b), "--samples", "2"]
+    base += ["--seq-len", "32", "--contexts", "48", "--new-tokens", "2"]
+    table = runner.invoke(app, base)
+    assert table.exit_code == 0, table.output
+    assert "vs full" in table.stdout and "100.0%" in table.stdout and not table.stdout.lstrip().startswith("{")
+    as_json = runner.invoke(app, [*base, "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.stdout)
+    assert set(report["methods"]) == {"full", f"razor:{profile}"}
+
+    steps = _Steps()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    windows = torch.randint(5, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    evaluate_cache(
+        model, AutoTokenizer.from_pretrained(tiny_llama), f"razor:{profile}", windows, [48], 16, 2, 0.5, steps
+    )
+    assert steps.tasks == {"eval full": [2 + 7, 2 + 7], f"eval razor:{profile}": [2 + 7, 2 + 7]}
+
+
 def test_recipe_profile_section():
     from kvconvert.recipe import Recipe
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json as json_module
 import sys
 
 from kvconvert.cli import app
@@ -28,7 +27,7 @@ def eval_command(req: EvalRequest, json: bool, card: bool) -> None:
     from kvconvert.workflow import run_eval
 
     if req.cache:
-        return _eval_cache(req)
+        return _eval_cache(req, json)
     with RichProgress(enabled=not json) as progress:
         result = run_eval(req, progress)
     emit("eval", result, json)
@@ -38,20 +37,16 @@ def eval_command(req: EvalRequest, json: bool, card: bool) -> None:
         print(said, file=sys.stderr)
 
 
-def _eval_cache(req) -> None:
-    """`--cache`: perplexity, passkey and decode speed through the runtime vs the full cache, as JSON."""
-    from kvconvert.checkpoint import resolve
-    from kvconvert.evaluation.cached import evaluate_cache
-    from kvconvert.evaluation.perplexity import eval_windows
-    from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+def _eval_cache(req, json: bool) -> None:
+    """`--cache`: perplexity, passkey and decode speed through the runtime vs the full cache."""
+    from kvconvert.progress import RichProgress
+    from kvconvert.workflow import run_eval_cache
 
-    ckpt, dev = resolve(req.model), resolve_device(req.device)
-    lm, tok = load_model(ckpt, dev, resolve_dtype(req.dtype, dev)), load_tokenizer(ckpt)
-    windows = eval_windows(lm, tok, req.dataset, req.samples, req.seq_len, req.seed, 1)
-    report = evaluate_cache(
-        lm, tok, req.cache, windows, req.contexts, new_tokens=req.new_tokens, prompt_fraction=req.cache_prompt
-    )
-    print(json_module.dumps(report, indent=2))
+    with RichProgress(enabled=not json) as progress:
+        report = run_eval_cache(req, progress)
+    emit("eval", report, json)
+    if not json:
+        render_cache(report)
 
 
 def _mib(n: float) -> str:
@@ -108,3 +103,34 @@ def render(result: dict) -> None:
     if "comparison" in result:
         c = result["comparison"]
         console.print(f"KV cache x{c['kv_bytes_ratio']:.3f}, perplexity x{c['perplexity_ratio']:.3f}")
+
+
+def render_cache(report: dict) -> None:
+    """The `--cache` report as a rich table: one row per cache and context, bytes also as a share of the full."""
+    from rich.table import Table
+
+    from kvconvert.console import make_console
+
+    console = make_console()
+    prompt = f", first {report['prompt_tokens']} tokens as the prompt" if report["prompt_tokens"] else ""
+    table = Table(title=f"{report['cache']} vs the full cache (perplexity{prompt})")
+    for col in ("cache", "perplexity", "context", "passkey", "passkey after", "decode tok/s", "cache MiB", "vs full"):
+        table.add_column(col)
+    full = report["methods"]["full"]["contexts"]
+    for name, entry in report["methods"].items():
+        rows = entry["contexts"].items() or [("-", None)]
+        for ctx, p in rows:
+            cells = (
+                ["-"] * 5
+                if p is None
+                else [
+                    ctx,
+                    f"{p['passkey_accuracy']:.2f}",
+                    f"{p['passkey_after_accuracy']:.2f}",
+                    f"{p['decode_tokens_per_second']:.1f}",
+                    _mib(p["cache_bytes"]),
+                ]
+            )
+            share = "-" if p is None else f"{p['cache_bytes'] / full[ctx]['cache_bytes']:.1%}"
+            table.add_row(name, f"{entry['perplexity']:.3f}", *cells, share)
+    console.print(table)

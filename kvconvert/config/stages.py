@@ -240,7 +240,7 @@ class EvalRequest(EvalConfig):
     runtime_batch: int = setting(1, "Sequences per runtime measurement.", "Runtime", ge=1)
     cache: str | None = setting(
         None,
-        "Evaluate through a cache runtime, e.g. razor[:PROFILE] or matryoshka:DIR (vs the full cache), as JSON.",
+        "Evaluate through a cache runtime, e.g. razor[:PROFILE] or matryoshka:DIR, against the full cache.",
         "Runtime",
         metavar="KIND[:ARG]",
     )

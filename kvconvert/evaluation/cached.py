@@ -22,6 +22,7 @@ from kvconvert.evaluation.longcontext import (
     prefill,
     random_key,
 )
+from kvconvert.progress import Progress, Silent
 
 
 def _dynamic(model):
@@ -40,10 +41,13 @@ def evaluate_cache(
     chunk: int = 512,
     new_tokens: int = 32,
     prompt_fraction: float = 0.0,
+    progress: Progress | None = None,
 ) -> dict:
-    """Full cache vs `spec` on `windows` (perplexity) and at each context (passkey at 3 depths, decode tok/s)."""
+    """Full cache vs `spec` on `windows` (perplexity) and at each context (passkey at 3 depths, decode tok/s),
+    one progress bar per cache (a step per window, per passkey prompt and per decode run)."""
     from kvconvert.runtime import runtime_for
 
+    progress = progress or Silent()
     original = model.config._attn_implementation
     runtime = runtime_for(spec, model)
     caches = {"full": lambda: _dynamic(model), spec: lambda: runtime.new_cache(model, 1)}
@@ -55,10 +59,12 @@ def evaluate_cache(
             model.set_attn_implementation(original)
         else:
             runtime.attach(model)
+        step = progress.task(f"eval {name}", len(windows) + 7 * len(contexts))
         total = count = 0
         for row in windows:
             t, c = nll(continuation_logits(model, row[None], new_cache(), chunk, prompt), row[None], prompt)
             total, count = total + t, count + c
+            step(info="perplexity")
         entry = {"perplexity": ppl(total, count), "contexts": {}}
         for ctx in contexts:
             hits, hits_after = [], []
@@ -68,6 +74,7 @@ def evaluate_cache(
                 for after, found in ((False, hits), (True, hits_after)):  # the question in the prompt, after the cut
                     answer = ask_passkey(model, text, question, new_cache(), 0, 7, after)
                     found.append(key in tokenizer.decode(answer[0]))
+                    step(info=f"passkey at {ctx} tokens")
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
             cache = new_cache()
             prefill(model, ids, cache, chunk)
@@ -76,6 +83,7 @@ def evaluate_cache(
             for _ in range(new_tokens):
                 nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
             seconds = time.perf_counter() - t0
+            step(info=f"decode at {ctx} tokens")
             held = _held_bytes(cache)
             entry["contexts"][str(ctx)] = {
                 "passkey_accuracy": sum(hits) / len(hits),

@@ -31,15 +31,18 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return 2 * config.num_hidden_layers * n_kv * head_dim * dtype_bytes
 
 
-def layer_windows(config) -> list[int | None]:
-    """Per layer, the most tokens its cache keeps (None: all), as transformers' own DynamicCache lays it out.
-
-    Sliding-window layers keep the last `sliding_window - 1` tokens (transformers' DynamicSlidingWindowLayer).
-    """
+def sliding_windows(config) -> list[int | None]:
+    """Per layer, its attention window (None: full attention), as transformers' own DynamicCache lays it out."""
     from transformers import DynamicCache
 
     layers = DynamicCache(config=config).layers
-    return [layer.sliding_window - 1 if getattr(layer, "is_sliding", False) else None for layer in layers]
+    return [layer.sliding_window if getattr(layer, "is_sliding", False) else None for layer in layers]
+
+
+def layer_windows(config) -> list[int | None]:
+    """Per layer, the most tokens its cache keeps (None: all): sliding-window layers keep their last
+    `sliding_window - 1` tokens (transformers' DynamicSlidingWindowLayer)."""
+    return [None if w is None else w - 1 for w in sliding_windows(config)]
 
 
 def kv_cache_bytes(config, dtype_bytes: int, tokens: int, batch: int = 1) -> int:

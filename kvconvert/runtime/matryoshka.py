@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvconvert.evaluation.kvcache import sliding_windows
 from kvconvert.matryoshka.projections import Projections, load_projections
 from kvconvert.runtime.matryoshka_attention import (
     NAME,
@@ -31,16 +32,21 @@ from kvconvert.runtime.matryoshka_attention import (
 
 
 class MatryoshkaLayer(CacheLayerMixin):
-    """One layer's cache: per rate group, projected keys (B, n_g, T, r_k) and values (B, n_g, T, r_v)."""
+    """One layer's cache: per rate group, projected keys (B, n_g, T, r_k) and values (B, n_g, T, r_v).
 
-    is_sliding = False
+    With a `sliding_window` (Gemma 3's local layers) it keeps only the last `sliding_window - 1` tokens, as
+    transformers' DynamicSlidingWindowLayer does; each step still attends to those plus the new tokens."""
+
     is_croppable = True
 
-    def __init__(self, proj: HeadProjections):
+    def __init__(self, proj: HeadProjections, sliding_window: int | None = None):
         super().__init__()
         self.proj = proj
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.group_keys: list[torch.Tensor] = []
         self.group_values: list[torch.Tensor] = []
+        self.seen = 0  # tokens given to this layer (more than it holds once a window is full)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -51,36 +57,58 @@ class MatryoshkaLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         groups = self.proj.groups(key_states.dtype)
         new = [project_keys_values(key_states, value_states, g) for g in groups]
-        if not self.group_keys:
-            self.group_keys = [k for k, _ in new]
-            self.group_values = [v for _, v in new]
-        else:
-            self.group_keys = [torch.cat([old, k], dim=-2) for old, (k, _) in zip(self.group_keys, new, strict=True)]
-            self.group_values = [
-                torch.cat([old, v], dim=-2) for old, (_, v) in zip(self.group_values, new, strict=True)
-            ]
-        return GroupedStates(self.group_keys, self.group_values), None
+        keys = [k for k, _ in new]
+        values = [v for _, v in new]
+        if self.group_keys:
+            keys = [torch.cat([old, k], dim=-2) for old, k in zip(self.group_keys, keys, strict=True)]
+            values = [torch.cat([old, v], dim=-2) for old, v in zip(self.group_values, values, strict=True)]
+        q = key_states.shape[-2]
+        self.seen += q
+        self.group_keys, self.group_values = self._held(keys, q), self._held(values, q)
+        return GroupedStates(keys, values), None
+
+    def _held(self, states: list[torch.Tensor], q: int) -> list[torch.Tensor]:
+        """What stays after this step: everything, or the window's last `sliding_window - 1` tokens (copied after a
+        prompt chunk, so the chunk's storage is freed)."""
+        keep = None if self.sliding_window is None else self.sliding_window - 1
+        if keep is None or states[0].shape[-2] <= keep:
+            return states
+        return [t[..., -keep:, :].clone() if q > 1 else t[..., -keep:, :] for t in states]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        if self.sliding_window is None:
+            return self.seen + query_length, 0
+        held = min(self.seen, self.sliding_window - 1)
+        return held + query_length, self.seen - held
 
     def get_seq_length(self) -> int:
-        return self.group_keys[0].shape[-2] if self.group_keys else 0
+        return self.seen
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.group_keys, *self.group_values))
 
     def reset(self) -> None:
         self.group_keys, self.group_values = [], []
+        self.seen = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove < 0 and self.group_keys:
-            self.group_keys = [t[..., :tokens_to_remove, :] for t in self.group_keys]
-            self.group_values = [t[..., :tokens_to_remove, :] for t in self.group_values]
+        """Drop the last `-tokens_to_remove` tokens (a negative count, as transformers' DynamicLayer takes it)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, not {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.group_keys:
+            return
+        if self.group_keys[0].shape[-2] < self.seen:
+            raise RuntimeError(
+                "a sliding-window layer whose window is full cannot be cropped: it no longer holds "
+                "the tokens that would be visible again"
+            )
+        self.group_keys = [t[..., :tokens_to_remove, :] for t in self.group_keys]
+        self.group_values = [t[..., :tokens_to_remove, :] for t in self.group_values]
+        self.seen = max(self.seen + tokens_to_remove, 0)
 
     def _map(self, fn) -> None:
         self.group_keys = [fn(t) for t in self.group_keys]
@@ -106,8 +134,9 @@ class MatryoshkaLayer(CacheLayerMixin):
 class MatryoshkaCache(Cache):
     """A cache of projected keys/values, one `MatryoshkaLayer` per attention layer."""
 
-    def __init__(self, projections: list[HeadProjections]):
-        super().__init__(layers=[MatryoshkaLayer(p) for p in projections])
+    def __init__(self, projections: list[HeadProjections], windows: list[int | None] | None = None):
+        windows = windows or [None] * len(projections)
+        super().__init__(layers=[MatryoshkaLayer(p, w) for p, w in zip(projections, windows, strict=True)])
 
     def nbytes(self) -> int:
         """Bytes of every cached tensor."""
@@ -122,6 +151,7 @@ class MatryoshkaRuntime:
     def __init__(self, projections: Projections, info: dict | None = None):
         self.projections = projections
         self.info = info or {}
+        self.windows: list[int | None] = [None] * projections.shape[0]  # per layer; set by `attach`
 
     def attach(self, model) -> None:
         """Give every attention module its layer's `HeadProjections` and select the "matryoshka" attention."""
@@ -137,18 +167,22 @@ class MatryoshkaRuntime:
                 raise ValueError(f"layer {i}: k_proj gives {m.k_proj.out_features} features, not {n_kv} x {head_dim}")
             hp = HeadProjections(p.key_basis[i], p.value_basis[i], p.key_rates[i], p.value_rates[i])
             m.matryoshka = hp.to(param.device)
+        self.windows = sliding_windows(model.config)
         model.set_attn_implementation(NAME)
 
     def new_cache(self, model, batch_size: int = 1) -> MatryoshkaCache:
         mods = attention_modules(model)
         if not all(isinstance(getattr(m, "matryoshka", None), HeadProjections) for m in mods):
             self.attach(model)
-        return MatryoshkaCache([m.matryoshka for m in mods])
+        return MatryoshkaCache([m.matryoshka for m in mods], self.windows)
 
     def kv_bytes(self, tokens: int, batch_size: int = 1, dtype_bytes: int | None = None) -> int:
-        """Computed cache bytes after `tokens` tokens: tokens · batch · Σ_(layer, head) (r_k + r_v) · dtype bytes."""
+        """Computed cache bytes after `tokens` tokens: batch · dtype bytes · Σ_layer held tokens · Σ_head (r_k + r_v),
+        where a sliding-window layer holds at most `window - 1` tokens."""
         size = dtype_bytes if dtype_bytes is not None else self.dtype_bytes
-        return tokens * batch_size * self.projections.kept_per_token() * size
+        per_layer = (self.projections.key_rates + self.projections.value_rates).sum(-1).tolist()
+        held = [tokens if w is None else min(tokens, w - 1) for w in self.windows]
+        return batch_size * size * sum(int(n) * t for n, t in zip(per_layer, held, strict=True))
 
     dtype_bytes = 4
 
