@@ -353,3 +353,23 @@ def test_a_question_after_the_cut_sees_only_what_the_cache_kept(llama):
     assert after[0, 0] == want[0, -1].argmax()
     dynamic = lambda: DynamicCache(config=llama.config)  # noqa: E731
     assert torch.equal(greedy(llama, text, dynamic(), 0, 4, then=question), greedy(llama, ids, dynamic(), 0, 4))
+
+
+@pytest.mark.parametrize("prompt_attention", ["full", "window"])
+def test_sliding_window_layers_attend_through_their_window_in_every_prompt_mode(tmp_path, prompt_attention):
+    """Gemma 3-style models: with every full-attention head a retrieval head, the razor cache is the stock cache,
+    for a prompt longer than the sliding window read at once, in chunks, or a token at a time, then decoding."""
+    from tests.tiny import make_random
+
+    path = make_random(tmp_path / "g3", "gemma3", heads=4, kv_heads=2, head_dim=16, layers=2)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    assert model.config.layer_types == ["sliding_attention", "full_attention"] and model.config.sliding_window == 8
+    rt = runtime_from_policy(model, policy_for(model, [[], [0, 1]], prompt_attention=prompt_attention))
+    ids = torch.randint(0, model.config.vocab_size, (2, 27), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits
+    rt.attach(model)
+    for chunk in (20, 6, 1):
+        cache = rt.new_cache(model, 2)
+        got = torch.cat([_chunked(model, ids[:, :20], cache, chunk), _chunked(model, ids[:, 20:], cache, 1)], dim=1)
+        assert torch.allclose(got, ref, atol=1e-5, rtol=0), (chunk, float((got - ref).abs().max()))

@@ -36,13 +36,23 @@ def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
 
 class WindowGroup:
     """The windowed KV heads of one layer that share one rule: tensors `k/v` (batch, heads, sink + compensation +
-    recent, d), laid out [sinks | compensation | recent]."""
+    recent, d), laid out [sinks | compensation | recent]. A `sliding` group is a sliding-window layer of the
+    model itself (Gemma 3's local layers): every query attends through that window, in every prompt mode, as the
+    model does."""
 
-    def __init__(self, heads: list[int], rule: tuple[int, int, float, bool], bias: bool = False, prompt: str = "full"):
+    def __init__(
+        self,
+        heads: list[int],
+        rule: tuple[int, int, float, bool],
+        bias: bool = False,
+        prompt: str = "full",
+        sliding: bool = False,
+    ):
         self.heads = heads
         self.sinks, self.floor, self.fraction, self.compensation = rule
         self.bias = bias  # add log(dropped) to the compensation token's attention logit
         self.prompt = prompt  # "window": a chunk's tokens see their own windows; "full": all held + the chunk
+        self.sliding = sliding
         self.n_sink = self.n_comp = self.n_recent = 0
         self.dropped = 0  # tokens folded into the compensation token
 
@@ -99,7 +109,7 @@ class WindowGroup:
         key_pos = torch.cat([held_pos, new_pos])
         pinned = torch.cat([held_pinned, new_pos < self.sinks])
         qpos = new_pos[:, None]
-        if self.prompt == "full":
+        if self.prompt == "full" and not self.sliding:
             return key_pos[None, :] <= qpos
         widths = ((new_pos + 1).double() * self.fraction).floor().long().clamp(min=self.floor)
         in_window = key_pos[None, :] > qpos - widths[:, None]
@@ -158,7 +168,8 @@ class RazorLayer(CacheLayerMixin):
 
     def _new_groups(self) -> list[WindowGroup]:
         extra = self.policy.compensation_bias, self.policy.prompt_attention
-        return [WindowGroup(heads, rule, *extra) for rule, heads in self.policy.window_groups(self.layer_idx)]
+        sliding = self.policy.fixed_window[self.layer_idx] is not None
+        return [WindowGroup(heads, rule, *extra, sliding) for rule, heads in self.policy.window_groups(self.layer_idx)]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
