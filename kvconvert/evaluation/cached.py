@@ -24,6 +24,9 @@ from kvconvert.evaluation.longcontext import (
 )
 from kvconvert.progress import Progress, Silent
 
+DEPTHS = (0.2, 0.5, 0.8)
+"""Where the passkey sits in each passkey prompt (fraction of the context)."""
+
 
 def _dynamic(model):
     from transformers import DynamicCache
@@ -59,7 +62,7 @@ def evaluate_cache(
             model.set_attn_implementation(original)
         else:
             runtime.attach(model)
-        step = progress.task(f"eval {name}", len(windows) + 7 * len(contexts))
+        step = progress.task(f"eval {name}", len(windows) + (2 * len(DEPTHS) + 1) * len(contexts))
         total = count = 0
         for row in windows:
             t, c = nll(continuation_logits(model, row[None], new_cache(), chunk, prompt), row[None], prompt)
@@ -68,7 +71,7 @@ def evaluate_cache(
         entry = {"perplexity": ppl(total, count), "contexts": {}}
         for ctx in contexts:
             hits, hits_after = [], []
-            for depth in (0.2, 0.5, 0.8):
+            for depth in DEPTHS:
                 key = random_key(random.Random(ctx + int(depth * 100)), 6)
                 text, question = passkey_parts(tokenizer, ctx, depth, key)
                 for after, found in ((False, hits), (True, hits_after)):  # the question in the prompt, after the cut
