@@ -27,8 +27,9 @@ def stage_times(text: str) -> dict[str, float]:
 
 
 def calibrate_times(text: str) -> dict[str, float]:
-    """From `kvconvert calibrate`'s output: the layer pass (its progress line) and the command's own clock."""
-    out = {}
+    """From `kvconvert calibrate`'s output: its `time by stage` table (load, text, layers, finish), the layer pass
+    of its progress line and the command's own clock."""
+    out: dict[str, float] = stage_times(text)
     if m := re.search(r"calibrating \(layers\): done, \d+/\d+ in (\d+):(\d+)", text):
         out["layer_pass"] = 60 * int(m.group(1)) + int(m.group(2))
     if m := re.search(r"process\(es\), ([\d.]+)s", text):

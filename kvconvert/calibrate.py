@@ -3,6 +3,7 @@ attention input (float64). Several processes (torchrun / accelerate launch) spli
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,17 +160,23 @@ def calibrate(
     part: Part | None = None,
     progress: Progress | None = None,
     windows: torch.Tensor | None = None,
+    timings: dict[str, float] | None = None,
 ) -> CalibrationStats | None:
     """Write the statistics of `text` (samples windows of seq_len tokens from dataset) to `output`, layer by layer.
 
     Under several processes (`part`), each handles its dealt batches, the sums are all-reduced per layer and the
     main process writes the file. Returns the (lazily read) statistics on the main process, None elsewhere.
     `windows`, when given, are the token windows already built from `text` (so callers can reuse them).
+    `timings`, when given, receives the seconds of `text` (building the windows, when not given), `layers` (the
+    layer pass, each layer's sums written as it ends) and `finish` (syncing the file and moving it into place).
     """
     part = part or Part()
     device = part.device or device
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     if windows is None:
         windows = calibration_windows(ckpt, text, device, dtype, part, progress)
+        timings["text"] = time.perf_counter() - t0
     local = torch.cat([windows[s:e] for s, e in part.batches(text.samples, text.batch_size)])
     source = {
         **text.model_dump(include={"dataset", "samples", "seq_len", "seed", "text_field"}),
@@ -191,13 +198,18 @@ def calibrate(
         if writer is not None:
             writer.add(layer, sum_x, packed)
 
+    t0 = time.perf_counter()
     try:
         accumulate(ckpt, local, text.batch_size, device, dtype, on_layer, text.offload_dir, progress)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    timings["layers"] = time.perf_counter() - t0
     if writer is None:
         return None
+    t0 = time.perf_counter()
     writer.close()
-    return CalibrationStats.load(output)
+    stats = CalibrationStats.load(output)
+    timings["finish"] = time.perf_counter() - t0
+    return stats

@@ -61,9 +61,13 @@ def run_calibration(
     progress: Progress | None = None,
     part: Part | None = None,
     windows: torch.Tensor | None = None,
+    timings: dict[str, float] | None = None,
 ) -> CalibrationStats | None:
-    """Calibrate `ckpt` per `req` into the stats file `output` (main process returns the loaded stats)."""
-    return calibrate(ckpt, output, req, *_device_dtype(req), part=part, progress=progress, windows=windows)
+    """Calibrate `ckpt` per `req` into the stats file `output` (main process returns the loaded stats); `timings`
+    receives the seconds of its parts (`calibrate.calibrate`)."""
+    return calibrate(
+        ckpt, output, req, *_device_dtype(req), part=part, progress=progress, windows=windows, timings=timings
+    )
 
 
 def request_windows(ckpt: Checkpoint, req: CalibrateConfig, progress: Progress | None = None) -> torch.Tensor:

@@ -210,6 +210,23 @@ def test_json_summaries_carry_a_schema_version(tmp_path, tiny_llama, text_a):
     assert plan["command"] == "run" and plan["dry_run"] and plan["steps"][0].startswith("model: ")
 
 
+def test_calibrate_reports_the_seconds_of_its_parts(tmp_path, tiny_llama, text_a):
+    """Where a calibration's time went: load, text, layer pass, finishing the file (JSON and the stage table)."""
+    args = ["calibrate", str(tiny_llama), "--dataset", str(text_a), "--samples", "2", "--seq-len", "16"]
+    r = runner.invoke(app, [*args, "--device", "cpu", "-o", str(tmp_path / "a.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    timings = summary["timings"]
+    assert list(timings) == ["load", "text", "layers", "finish"]
+    assert all(v >= 0 for v in timings.values()) and sum(timings.values()) <= summary["seconds"]
+    r = runner.invoke(app, [*args, "--device", "cpu", "-o", str(tmp_path / "b.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "time by stage" in r.stdout
+    from bench.gpu_scale import calibrate_times  # what the GPU benchmark reads of that table
+
+    assert set(timings) <= set(calibrate_times(r.stdout))
+
+
 def test_the_exit_without_teardown_still_joins_threads_runs_atexit_and_flushes(tmp_path):
     """`main` ends with `os._exit` (no interpreter teardown), after what a normal exit does for outputs."""
     code = (

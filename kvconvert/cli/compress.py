@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvconvert.cli import app
 from kvconvert.cli.options import Group, command, flag
-from kvconvert.cli.summary import emit
+from kvconvert.cli.summary import emit, stage_table
 from kvconvert.config import CompressRequest, HealRequest
 from kvconvert.config.base import OUTPUT, TRAINING
 
@@ -92,17 +92,3 @@ def report(result) -> None:
         console.print(f"healed in place: {h['tokens']} tokens ({h['train']}), final KL {h['final_loss']:.4f}")
     stage_table(console, result.timings, total=True)
     console.print(f"wrote {result.output}")
-
-
-def stage_table(console, timings: dict[str, float], total: bool) -> None:
-    """The `time by stage` table."""
-    from rich.table import Table
-
-    table = Table(title="time by stage")
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
-    for stage, secs in timings.items():
-        table.add_row(stage, f"{secs:.1f}")
-    if total:
-        table.add_row("total", f"{sum(timings.values()):.1f}")
-    console.print(table)

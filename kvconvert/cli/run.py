@@ -33,7 +33,8 @@ def run_command(recipe: Path, set: list[str] | None, dry_run: bool, json: bool) 
     if dry_run:
         emit("run", {"dry_run": True, "steps": describe(parsed)}, json, "\n".join(describe(parsed)))
         return
-    from kvconvert.cli.compress import stage_table, summary
+    from kvconvert.cli.compress import summary
+    from kvconvert.cli.summary import stage_table
     from kvconvert.console import make_console
     from kvconvert.progress import RichProgress
     from kvconvert.workflow import run_recipe

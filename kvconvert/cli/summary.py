@@ -18,3 +18,17 @@ def emit(command: str, data: dict[str, Any], as_json: bool, text: str | None = N
         print(json.dumps({**header, **data}, indent=2))
     elif text is not None:
         print(text)
+
+
+def stage_table(console, timings: dict[str, float], total: bool) -> None:
+    """The `time by stage` table."""
+    from rich.table import Table
+
+    table = Table(title="time by stage")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, secs in timings.items():
+        table.add_row(stage, f"{secs:.1f}")
+    if total:
+        table.add_row("total", f"{sum(timings.values()):.1f}")
+    console.print(table)
