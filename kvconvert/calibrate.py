@@ -18,7 +18,7 @@ from kvconvert.modeling import load_model, load_tokenizer
 from kvconvert.progress import Progress, Silent
 from kvconvert.stats import CalibrationStats, StatsWriter, pack
 from kvconvert.streaming import HiddenStore, LayerRunner
-from kvconvert.textdata import SELF, iter_texts, sample_windows, token_windows, windows_digest
+from kvconvert.textdata import SELF, iter_documents, sample_windows, token_windows, windows_digest
 
 
 class _Captured(Exception):
@@ -142,7 +142,7 @@ def calibration_windows(
     samples, seq_len = text.samples, text.seq_len
     tokenizer = load_tokenizer(ckpt)
     if text.dataset != SELF:
-        return token_windows(tokenizer, iter_texts(text.dataset, text.text_field), samples, seq_len, text.dataset)
+        return token_windows(tokenizer, iter_documents(text.dataset, text.text_field), samples, seq_len, text.dataset)
     model = load_model(ckpt, device, dtype)
     spans = part.batches(samples, text.batch_size)
     name = Path(str(ckpt.spec)).name or str(ckpt.spec)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from array import array
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from importlib import resources
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import torch
 import yaml
 
 from kvconvert.errors import KVConvertError, first_line
+from kvconvert.io.digest import sha256_of
 from kvconvert.progress import Progress, Silent
+from kvconvert.textfile import TextFile, file_tokens
 
 SELF = "self"
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -52,15 +56,16 @@ def describe(spec: str) -> str:
         return f"`{spec}`: Hub dataset `{entry['path']}`{config}, {entry.get('split', 'train')} split"
     path = Path(spec).expanduser()
     if path.is_file():
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_of(path)
         return f"local text (sha256 `{digest[:16]}…`)"
     if "/" in spec and not path.exists():
         return f"Hub dataset `{spec}`"
     return f"local text `{path.name}` (not found when this card was written)"
 
 
-def iter_texts(spec: str, text_field: str | None = None) -> Iterator[str]:
-    """Documents of a dataset spec (alias, local file, or Hub id), in order."""
+def iter_documents(spec: str, text_field: str | None = None) -> Iterator[str | TextFile]:
+    """Documents of a dataset spec (alias, local file, or Hub id), in order; a local `.txt` file is one document,
+    a `TextFile` that `token_stream` tokenizes only as far as it needs."""
     path = Path(spec).expanduser()
     table = aliases()
     entry = table.get(spec) or {}
@@ -68,9 +73,9 @@ def iter_texts(spec: str, text_field: str | None = None) -> Iterator[str]:
         yield from builtin_texts(entry["builtin"], entry.get("part", 0), entry.get("parts", 2))
         return
     if path.suffix == ".txt" and path.is_file():  # one document, as datasets' text loader reads it (1-2 s less)
-        text = read_document(path)
-        if text.strip():
-            yield text
+        doc = TextFile(path)
+        if doc.has_text():
+            yield doc
         return
     import datasets
 
@@ -93,13 +98,10 @@ def iter_texts(spec: str, text_field: str | None = None) -> Iterator[str]:
             yield text
 
 
-def read_document(path: Path) -> str:
-    """A local text file as one document: UTF-8, universal newlines (what `datasets`' `text` loader gives with
-    `sample_by="document"`), without importing `datasets` or writing its cache."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise KVConvertError(f"dataset file {path} is not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+def iter_texts(spec: str, text_field: str | None = None) -> Iterator[str]:
+    """Documents of a dataset spec as strings (a local `.txt` file read whole)."""
+    for doc in iter_documents(spec, text_field):
+        yield doc.read() if isinstance(doc, TextFile) else doc
 
 
 def _hub(path: str, **kwargs) -> Iterable[dict]:
@@ -123,7 +125,44 @@ def _text_column(ds, spec: str) -> str:
     raise KVConvertError(f"dataset {spec} has no text column; name it with --text-field")
 
 
-def token_windows(tokenizer, texts: Iterable[str], n_samples: int, seq_len: int, spec: str) -> torch.Tensor:
+def token_stream(tokenizer, documents: Iterable[str | TextFile], need: int) -> torch.Tensor:
+    """The first `need` tokens of the concatenated documents (EOS after each), fewer if the text runs out: 1-D int64.
+
+    Tokenizing stops once `need` tokens are there; a `TextFile` is tokenized piece by piece, as if whole."""
+    eos = tokenizer.eos_token_id
+    stream = array("q")
+    for doc in documents:
+        with closing(_pieces(tokenizer, doc)) as pieces:
+            for ids in pieces:
+                stream.extend(ids)
+                if len(stream) >= need:
+                    return _tensor(stream[:need])
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= need:
+            return _tensor(stream[:need])
+    return _tensor(stream)
+
+
+def _pieces(tokenizer, doc: str | TextFile) -> Iterator[list[int]]:
+    if isinstance(doc, TextFile):
+        yield from file_tokens(tokenizer, doc)
+    else:
+        yield tokenizer(doc, add_special_tokens=False)["input_ids"]
+
+
+def _tensor(stream: array) -> torch.Tensor:
+    return torch.frombuffer(stream, dtype=torch.long).clone() if stream else torch.zeros(0, dtype=torch.long)
+
+
+def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """`rows` (n, body) with a BOS column in front when the tokenizer has one."""
+    if bos is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos, dtype=torch.long), rows], dim=1)
+
+
+def token_windows(tokenizer, texts: Iterable[str | TextFile], n_samples: int, seq_len: int, spec: str) -> torch.Tensor:
     """n_samples consecutive windows of seq_len tokens from the concatenated documents (EOS between them).
 
     Each window starts with BOS when the tokenizer has one, as real prompts do.
@@ -131,22 +170,13 @@ def token_windows(tokenizer, texts: Iterable[str], n_samples: int, seq_len: int,
     bos = tokenizer.bos_token_id
     body = seq_len - (1 if bos is not None else 0)
     need = n_samples * body
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
-        if len(stream) >= need:
-            break
+    stream = token_stream(tokenizer, texts, need)
     if len(stream) < need:
         raise KVConvertError(
             f"dataset {spec} has {len(stream)} tokens, {need} needed for {n_samples} x {seq_len}; "
             "lower --samples/--seq-len or use more text"
         )
-    rows = torch.tensor(stream[:need], dtype=torch.long).reshape(n_samples, body)
-    if bos is not None:
-        rows = torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), rows], dim=1)
-    return rows
+    return with_bos(stream.reshape(n_samples, body), bos)
 
 
 SLOW_SAMPLING_TOKENS = 4096

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kvconvert.progress import Progress, Silent
-from kvconvert.textdata import SELF, iter_texts, sample_windows, token_windows
+from kvconvert.textdata import SELF, iter_documents, sample_windows, token_windows
 
 
 @torch.no_grad()
@@ -42,4 +42,4 @@ def eval_windows(
     """Token windows for evaluation; `self` samples them from `model` (pass the baseline to share them)."""
     if dataset == SELF:
         return sample_windows(model, tokenizer, samples, seq_len, max(batch_size, 8), seed, None, progress, subject)
-    return token_windows(tokenizer, iter_texts(dataset), samples, seq_len, dataset)
+    return token_windows(tokenizer, iter_documents(dataset), samples, seq_len, dataset)

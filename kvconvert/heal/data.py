@@ -10,25 +10,17 @@ import torch
 
 from kvconvert.errors import KVConvertError
 from kvconvert.progress import Progress
-from kvconvert.textdata import SELF, iter_texts, sample_windows
+from kvconvert.textdata import SELF, iter_documents, sample_windows, token_stream, with_bos
+from kvconvert.textfile import TextFile
 
 
-def text_windows(tokenizer, texts: Iterable[str], seq_len: int, limit: int) -> torch.Tensor:
+def text_windows(tokenizer, texts: Iterable[str | TextFile], seq_len: int, limit: int) -> torch.Tensor:
     """Up to `limit` consecutive windows of `seq_len` tokens (BOS first, EOS between documents); fewer if short."""
     bos = tokenizer.bos_token_id
     body = seq_len - (1 if bos is not None else 0)
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            stream.append(tokenizer.eos_token_id)
-        if len(stream) >= limit * body:
-            break
-    n = min(limit, len(stream) // body)
-    rows = torch.tensor(stream[: n * body], dtype=torch.long).reshape(n, body)
-    if bos is not None:
-        rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], dim=1)
-    return rows
+    stream = token_stream(tokenizer, texts, limit * body)
+    n = len(stream) // body
+    return with_bos(stream[: n * body].reshape(n, body), bos)
 
 
 def window_file(path: Path, seq_len: int) -> torch.Tensor:
@@ -72,7 +64,7 @@ def build_windows(
         if spec.endswith(".safetensors"):
             rows = window_file(Path(spec), seq_len)[: n_windows - have]
         else:
-            rows = text_windows(tokenizer, iter_texts(spec, text_field), seq_len, n_windows - have)
+            rows = text_windows(tokenizer, iter_documents(spec, text_field), seq_len, n_windows - have)
         if len(rows) == 0:
             raise KVConvertError(f"dataset {spec} has fewer than {seq_len} tokens; lower --seq-len or use more text")
         parts.append(rows)

@@ -35,7 +35,7 @@ from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resol
 from kvconvert.progress import Progress, Silent
 from kvconvert.record import RECORD, dump_record, new_record, read_record
 from kvconvert.runtime.matryoshka import MatryoshkaRuntime
-from kvconvert.textdata import iter_texts, windows_digest
+from kvconvert.textdata import iter_documents, windows_digest
 
 
 def train_config(req: MatryoshkaRunRequest) -> TrainConfig:
@@ -62,7 +62,7 @@ def calibration_windows(tokenizer, datasets: list[str], n: int, seq_len: int) ->
     """`n` windows of `seq_len` tokens from the datasets in order (local text; no `self` sampling here)."""
     parts, have = [], 0
     for spec in datasets:
-        rows = text_windows(tokenizer, iter_texts(spec), seq_len, n - have)
+        rows = text_windows(tokenizer, iter_documents(spec), seq_len, n - have)
         parts.append(rows)
         have += len(rows)
         if have >= n:
