@@ -80,11 +80,11 @@ def iter_documents(spec: str, text_field: str | None = None) -> Iterator[str | T
     import datasets
 
     if path.suffix in LOCAL_FORMATS and path.is_file():
-        kwargs = {"sample_by": "document"} if path.suffix == ".txt" else {}
-        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train", **kwargs)
+        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
     elif spec in table:
         cfg = dict(table[spec])
-        text_field = text_field or cfg.pop("field", "text")
+        alias_field = cfg.pop("field", "text")  # never passed on: `field` means something else to the json loader
+        text_field = text_field or alias_field
         ds = _hub(cfg.pop("path"), **cfg)
     elif path.exists() or path.suffix in LOCAL_FORMATS:
         known = ", ".join(LOCAL_FORMATS)
@@ -92,6 +92,9 @@ def iter_documents(spec: str, text_field: str | None = None) -> Iterator[str | T
     else:
         ds = _hub(spec, split="train")
     field = text_field or _text_column(ds, spec)
+    features = getattr(ds, "features", None)
+    if features and field not in features:
+        raise KVConvertError(f"dataset {spec} has no column {field!r} (columns: {', '.join(features)})")
     for row in ds:
         text = row.get(field)
         if isinstance(text, str) and text.strip():
@@ -115,14 +118,30 @@ def _hub(path: str, **kwargs) -> Iterable[dict]:
         ) from exc
 
 
+STRING_DTYPES = ("string", "large_string")
+"""`datasets` Value dtypes of text (pyarrow writes `large_string` for pandas' strings: parquet, csv)."""
+
+
 def _text_column(ds, spec: str) -> str:
-    features = getattr(ds, "features", None) or {}
-    if "text" in features:
+    """`text`, else the dataset's only string column: from its features, or from its first row where a streamed
+    dataset has none (csv)."""
+    features = getattr(ds, "features", None)
+    if features:
+        columns = list(features)
+        texts = [name for name, feat in features.items() if getattr(feat, "dtype", None) in STRING_DTYPES]
+    else:
+        row = next(iter(ds), None) or {}
+        columns = list(row)
+        texts = [name for name, value in row.items() if isinstance(value, str)]
+    if "text" in columns:
         return "text"
-    for name, feat in features.items():
-        if getattr(feat, "dtype", None) == "string":
-            return name
-    raise KVConvertError(f"dataset {spec} has no text column; name it with --text-field")
+    if len(texts) == 1:
+        return texts[0]
+    if texts:
+        several = ", ".join(texts)
+        raise KVConvertError(f"dataset {spec} has several text columns ({several}); name one with --text-field")
+    listed = ", ".join(columns) or "none"
+    raise KVConvertError(f"dataset {spec} has no text column (columns: {listed}); name it with --text-field")
 
 
 def token_stream(tokenizer, documents: Iterable[str | TextFile], need: int) -> torch.Tensor:

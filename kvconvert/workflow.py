@@ -114,7 +114,7 @@ def run_eval_cache(req: EvalRequest, progress: Progress | None = None) -> dict:
 
     ckpt, dev = resolve(req.model, progress=progress), resolve_device(req.device)
     lm, tok = load_model(ckpt, dev, resolve_dtype(req.dtype, dev)), load_tokenizer(ckpt)
-    windows = eval_windows(lm, tok, req.dataset, req.samples, req.seq_len, req.seed, 1)
+    windows = eval_windows(lm, tok, req.dataset, req.samples, req.seq_len, req.seed, 1, text_field=req.text_field)
     return evaluate_cache(
         lm,
         tok,

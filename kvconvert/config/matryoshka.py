@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Literal
 
 from kvconvert.config.base import INPUT, MERGE, OUTPUT, TRAINING, StageConfig, setting
-from kvconvert.config.stages import Dtype, device_field, dtype_field, output_field, overwrite_field
+from kvconvert.config.stages import (
+    TEXT_FIELD_HELP,
+    Dtype,
+    device_field,
+    dtype_field,
+    output_field,
+    overwrite_field,
+)
 
 
 class MatryoshkaConfig(StageConfig):
@@ -16,6 +23,7 @@ class MatryoshkaConfig(StageConfig):
     datasets: list[str] = setting(
         ..., "Calibration text (repeatable): a local file or alias.", TRAINING, flag="dataset", metavar="SRC"
     )
+    text_field: str | None = setting(None, TEXT_FIELD_HELP, TRAINING, metavar="COL")
     samples: int = setting(64, "Training/PCA windows.", TRAINING, ge=1, metavar="N")
     heldout: int = setting(8, "Held-out windows that score the rate search.", TRAINING, ge=1, metavar="N")
     seq_len: int = setting(128, "Tokens per window.", TRAINING, ge=2, metavar="N")

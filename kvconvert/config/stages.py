@@ -34,6 +34,7 @@ TrainMode = Literal["attn", "all", "lora"]
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 DTYPE_HELP = "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."
 DATASET_HELP = "wikitext|c4|fineweb-edu|pile-val, a Hub dataset id, a local file, or `self`."
+TEXT_FIELD_HELP = "Text column of a table dataset (default: `text`, else its only text column)."
 
 
 def device_field(panel: str) -> Any:
@@ -89,7 +90,7 @@ class CalibrateConfig(StageConfig):
     seq_len: int = setting(2048, "Tokens per window.", CALIBRATION, ge=2, metavar="N")
     batch_size: int = setting(1, "Windows per forward pass.", CALIBRATION, ge=1, metavar="N")
     seed: int = setting(0, "Seed for `--dataset self` sampling.", CALIBRATION, metavar="N")
-    text_field: str | None = setting(None, "Text column of the dataset (default: `text`).", CALIBRATION, metavar="COL")
+    text_field: str | None = setting(None, TEXT_FIELD_HELP, CALIBRATION, metavar="COL")
     device: str = device_field(CALIBRATION)
     dtype: Dtype = dtype_field(CALIBRATION)
     offload_dir: Path | None = setting(
@@ -183,7 +184,7 @@ class HealRequest(HealConfig):
     teacher: str = setting(..., "The original model the student was converted from.", INPUT, metavar="MODEL")
     output: Path = output_field()
     warmup: float = setting(0.05, "Share of the steps spent warming the learning rate up.", TRAINING, ge=0, lt=1)
-    text_field: str | None = setting(None, "Text column of the datasets (default: `text`).", TRAINING, metavar="COL")
+    text_field: str | None = setting(None, TEXT_FIELD_HELP, TRAINING, metavar="COL")
     state_dir: Path | None = setting(None, "Where states go (default: OUTPUT.heal-state).", OUTPUT, metavar="DIR")
     resume: bool = setting(False, "Continue an interrupted run from its last state.", OUTPUT)
     overwrite: bool = overwrite_field("Replace a non-empty output (or the student).")
@@ -218,6 +219,7 @@ class EvalConfig(StageConfig):
     seq_len: int = setting(512, "Tokens per window.", EVALUATION, ge=2, metavar="N")
     batch_size: int = setting(1, "Windows per forward pass.", EVALUATION, ge=1, metavar="N")
     seed: int = setting(1, "Seed for `--dataset self` (differs from calibration's 0).", EVALUATION, metavar="N")
+    text_field: str | None = setting(None, TEXT_FIELD_HELP, EVALUATION, metavar="COL")
     device: str = device_field(EVALUATION)
     dtype: Dtype = dtype_field(EVALUATION)
 

@@ -38,8 +38,9 @@ def eval_windows(
     batch_size: int,
     progress: Progress | None = None,
     subject: str = "the model",
+    text_field: str | None = None,
 ):
     """Token windows for evaluation; `self` samples them from `model` (pass the baseline to share them)."""
     if dataset == SELF:
         return sample_windows(model, tokenizer, samples, seq_len, max(batch_size, 8), seed, None, progress, subject)
-    return token_windows(tokenizer, iter_documents(dataset), samples, seq_len, dataset)
+    return token_windows(tokenizer, iter_documents(dataset, text_field), samples, seq_len, dataset)

@@ -19,6 +19,7 @@ def evaluate(
     seq_len: int = 512,
     batch_size: int = 1,
     seed: int = 1,
+    text_field: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
     contexts: list[int] | None = None,
@@ -42,6 +43,7 @@ def evaluate(
     report: dict = {
         "schema": SCHEMA,
         "dataset": dataset,
+        **({"text_field": text_field} if text_field else {}),
         "samples": samples,
         "seq_len": seq_len,
         "seed": seed,
@@ -56,7 +58,9 @@ def evaluate(
         progress.log(f"eval: loading {subject}")
         model = load_model(ckpts[role], dev, dt)
         if windows is None:
-            windows = eval_windows(model, tokenizer, dataset, samples, seq_len, seed, batch_size, progress, subject)
+            windows = eval_windows(
+                model, tokenizer, dataset, samples, seq_len, seed, batch_size, progress, subject, text_field
+            )
             report["tokens_sha256"] = windows_digest(windows)
         entry = {
             "path": specs[role],

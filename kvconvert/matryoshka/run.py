@@ -58,11 +58,13 @@ class MatryoshkaResult:
     projections: Projections
 
 
-def calibration_windows(tokenizer, datasets: list[str], n: int, seq_len: int) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, datasets: list[str], n: int, seq_len: int, text_field: str | None = None
+) -> torch.Tensor:
     """`n` windows of `seq_len` tokens from the datasets in order (local text; no `self` sampling here)."""
     parts, have = [], 0
     for spec in datasets:
-        rows = text_windows(tokenizer, iter_documents(spec), seq_len, n - have)
+        rows = text_windows(tokenizer, iter_documents(spec, text_field), seq_len, n - have)
         parts.append(rows)
         have += len(rows)
         if have >= n:
@@ -159,7 +161,7 @@ def run_matryoshka(req: MatryoshkaRunRequest, progress: Progress | None = None) 
     device = resolve_device(req.device)
     model = load_model(ckpt, device, resolve_dtype(req.dtype, device))
     tokenizer = load_tokenizer(ckpt)
-    windows = calibration_windows(tokenizer, req.datasets, req.samples + req.heldout, req.seq_len)
+    windows = calibration_windows(tokenizer, req.datasets, req.samples + req.heldout, req.seq_len, req.text_field)
     train_w, heldout_w = windows[: req.samples], windows[req.samples :]
     proj, info = build_projections(model, train_w, heldout_w, req, progress)
     section = {
