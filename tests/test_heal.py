@@ -223,3 +223,21 @@ def test_teacher_samples_fill_what_the_text_lacks(tiny_llama, tmp_path):
     assert (windows[:, 0] == tokenizer.bos_token_id).all()
     with pytest.raises(KVConvertError, match="fewer than"):
         build_windows(None, tokenizer, [str(short)], 2, 10_000)
+
+
+def test_windows_kept_with_keep_state_feed_a_later_heal(student, tiny_llama, text_a, tmp_path):
+    """docs/heal.md: the `windows.safetensors` of a run kept with --keep-state is a --dataset of a later run (the
+    same windows, in order); another --seq-len or a missing file is one clear error."""
+    from kvconvert.heal.data import build_windows
+
+    run_heal(request(student, tiny_llama, text_a, tmp_path / "first", steps=2, keep_state=True))
+    saved = tmp_path / "first.heal-state" / "windows.safetensors"
+    tokenizer = load_tokenizer(str(tiny_llama))
+    want = text_windows(tokenizer, iter_texts(str(text_a)), 32, 10**6)
+    windows, sources = build_windows(None, tokenizer, [str(saved)], 10, 32)  # it holds 2 steps x 2 windows
+    assert torch.equal(windows, want[:4]) and sources == [{"dataset": str(saved), "windows": 4}]
+    assert torch.equal(build_windows(None, tokenizer, [str(saved)], 3, 32)[0], want[:3])
+    with pytest.raises(KVConvertError, match=r"not \(n, 64\); match --seq-len"):
+        build_windows(None, tokenizer, [str(saved)], 5, 64)
+    with pytest.raises(KVConvertError, match="does not exist"):
+        build_windows(None, tokenizer, [str(tmp_path / "none.safetensors")], 5, 32)

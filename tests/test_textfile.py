@@ -139,6 +139,9 @@ def test_blank_and_non_utf8_files(tmp_path):
     assert first_bad_byte(tmp_path / "blank.txt") is None
     with pytest.raises(KVConvertError, match=f"not UTF-8 text \\(byte {(1 << 20) + 1004}\\)"):
         list(iter_texts(str(bad)))
+    mid = tmp_path / "mid.txt"
+    mid.write_bytes(b"a" * 10 + b"\xff" + b"b" * 10)  # a byte that starts no character
+    assert first_bad_byte(mid) == 10
     cut = tmp_path / "cut.txt"
     cut.write_bytes(b"abc" + "é".encode()[:1])  # a file cut inside a character
     assert first_bad_byte(cut) == 3
@@ -154,3 +157,18 @@ def test_smollm2_tokens_of_a_long_file_are_those_of_the_whole_file(tmp_path):
     path.write_text("\n\n".join(topics[k] for k in sorted(topics)))
     tok = load_tokenizer(resolve("smollm2"))
     assert stitched(tok, path, 997, 64) == whole(tok, path.read_text())
+
+
+def test_a_tokenizer_without_offsets_gets_the_whole_text(tmp_path, tokenizers):
+    """A slow tokenizer has no character offsets to place tokens by: it tokenizes the file whole, as before."""
+    fast = tokenizers["byte-level"]
+
+    class Slow:
+        is_fast = False
+
+        def __call__(self, text, add_special_tokens=True):
+            return fast(text, add_special_tokens=add_special_tokens)
+
+    path = tmp_path / "t.txt"
+    path.write_text("key value\n" * 5000)
+    assert list(file_tokens(Slow(), TextFile(path), 100, 16)) == [whole(fast, path.read_text())]
