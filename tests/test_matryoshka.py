@@ -383,3 +383,26 @@ def test_sliding_window_layers_keep_only_their_window_and_match_the_masked_pass(
     assert {t.shape[-2] for t in full.group_keys + full.group_values} == {20}
     per_layer = (MIXED_K + MIXED_V).sum(1)
     assert cache.nbytes() == rt.kv_bytes(20, 2) == 2 * 4 * int(7 * per_layer[0] + 20 * per_layer[1])
+
+
+@pytest.mark.parametrize("mode", ["beam search", "prompt lookup"])
+@torch.no_grad()
+def test_beam_search_and_prompt_lookup_at_full_rate_match_stock(tiny, mode, monkeypatch):
+    """generate() reorders the cache's rows for beams and crops rejected draft tokens for prompt lookup: at full
+    rate both give the stock tokens, through the layer's own `reorder_cache` / `crop`."""
+    from kvconvert.runtime.matryoshka import MatryoshkaLayer
+
+    method = {"beam search": "reorder_cache", "prompt lookup": "crop"}[mode]
+    calls = []
+    real = getattr(MatryoshkaLayer, method)
+    monkeypatch.setattr(MatryoshkaLayer, method, lambda self, *a: calls.append(a) or real(self, *a))
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(5))
+    ids = torch.cat([ids, ids], dim=1)  # repeats, so prompt lookup has drafts to propose
+    extra = {"num_beams": 3} if mode == "beam search" else {"prompt_lookup_num_tokens": 3}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids)) | extra
+    model = fresh(tiny)
+    ref = model.generate(ids, **kwargs)
+    rt = MatryoshkaRuntime(random_projections(2))
+    rt.attach(model)
+    assert torch.equal(model.generate(ids, past_key_values=rt.new_cache(model, 1), **kwargs), ref)
+    assert calls

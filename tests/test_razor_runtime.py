@@ -373,3 +373,48 @@ def test_sliding_window_layers_attend_through_their_window_in_every_prompt_mode(
         cache = rt.new_cache(model, 2)
         got = torch.cat([_chunked(model, ids[:, :20], cache, chunk), _chunked(model, ids[:, 20:], cache, 1)], dim=1)
         assert torch.allclose(got, ref, atol=1e-5, rtol=0), (chunk, float((got - ref).abs().max()))
+
+
+def test_beam_search_reorders_every_held_tensor(llama):
+    """Beam search through the cache equals stock beam search when the policy keeps everything (the mixin's
+    `reorder_cache` moved only `keys/values`, which the next step replaced: the beams kept their old caches)."""
+    rt = runtime_from_policy(llama, policy_for(llama, [[0], [1, 3]], window_floor=10_000))
+    rt.attach(llama)
+    ids = _ids(2, 20)
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=3, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    stock = llama.generate(ids, past_key_values=DynamicCache(config=llama.config), **kw)
+    assert torch.equal(llama.generate(ids, past_key_values=rt.new_cache(llama, 2), **kw), stock)
+
+
+@torch.no_grad()
+def test_reordered_repeated_and_selected_rows_decode_as_that_batch_would(llama):
+    """With windows that have dropped tokens: a cache whose rows were reordered (or repeated, or selected) decodes
+    exactly as a cache filled with that batch."""
+    rt = runtime_from_policy(llama, policy_for(llama, [[1], []], sinks=2, window_floor=4, window_fraction=0.0))
+    rt.attach(llama)
+    ids, nxt = _ids(2, 30, seed=3), _ids(4, 1, seed=4)
+
+    def filled(batch):
+        cache = rt.new_cache(llama, batch.shape[0])
+        llama(input_ids=batch, past_key_values=cache)
+        return cache
+
+    def step(cache, rows):
+        return llama(input_ids=nxt[:rows], past_key_values=cache).logits
+
+    for change, batch in [
+        (lambda c: c.reorder_cache(torch.tensor([1, 0])), ids.flip(0)),
+        (lambda c: c.batch_repeat_interleave(2), ids.repeat_interleave(2, dim=0)),
+        (lambda c: c.batch_select_indices(torch.tensor([1])), ids[1:]),
+    ]:
+        cache = filled(ids)
+        change(cache)
+        assert torch.allclose(step(cache, len(batch)), step(filled(batch), len(batch)), atol=1e-5, rtol=0)
+
+
+def test_taking_tokens_back_is_refused_with_the_reason(llama):
+    rt = runtime_from_policy(llama, policy_for(llama, [[1], []], sinks=2, window_floor=4, window_fraction=0.0))
+    rt.attach(llama)
+    ids = torch.cat([_ids(1, 12)] * 2, dim=1)  # repeats, so prompt lookup proposes tokens and crops the rejected
+    with pytest.raises(ValueError, match="cannot take tokens back"):
+        llama.generate(ids, past_key_values=rt.new_cache(llama, 1), max_new_tokens=6, prompt_lookup_num_tokens=3)

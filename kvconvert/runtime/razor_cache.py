@@ -226,6 +226,41 @@ class RazorLayer(CacheLayerMixin):
         self.seen = 0
         self.groups = self._new_groups()
 
+    def _map(self, fn) -> None:
+        """`fn` on every held tensor: the retrieval heads' and each window group's (rows are batch entries; all rows
+        hold the same positions, so the groups' counters stay as they are)."""
+        if not self.is_initialized:
+            return
+        self.full_k, self.full_v = fn(self.full_k), fn(self.full_v)
+        self.keys, self.values = self.full_k, self.full_v
+        for g in self.groups:
+            g.k, g.v = fn(g.k), fn(g.v)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i becomes row beam_idx[i] (the mixin's version moved `keys/values` only, which the
+        next update replaced, and never the window groups: beams silently kept their old caches)."""
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Refused: windowed heads have folded tokens into their compensation token and dropped them, so the cache
+        cannot take tokens back (transformers' assisted and prompt-lookup decoding call this without asking)."""
+        raise ValueError(
+            "the RazorAttention cache cannot take tokens back (its windowed heads have dropped them); assisted, "
+            "speculative or prompt-lookup decoding needs a cache that keeps every token"
+        )
+
 
 class RazorCache(Cache):
     """A `Cache` of `RazorLayer`s for a model with `num_query_heads` attention heads."""
