@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from kvconvert.evaluation.kvcache import sliding_windows
 from kvconvert.matryoshka.projections import Projections, load_projections
@@ -29,9 +29,10 @@ from kvconvert.runtime.matryoshka_attention import (
     project_keys_values,
     register,
 )
+from kvconvert.runtime.rows import RowsLayer
 
 
-class MatryoshkaLayer(CacheLayerMixin):
+class MatryoshkaLayer(RowsLayer):
     """One layer's cache: per rate group, projected keys (B, n_g, T, r_k) and values (B, n_g, T, r_v).
 
     With a `sliding_window` (Gemma 3's local layers) it keeps only the last `sliding_window - 1` tokens, as
@@ -113,22 +114,6 @@ class MatryoshkaLayer(CacheLayerMixin):
     def _map(self, fn) -> None:
         self.group_keys = [fn(t) for t in self.group_keys]
         self.group_values = [fn(t) for t in self.group_values]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
 class MatryoshkaCache(Cache):

@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from kvconvert.runtime.razor_policy import PROMPT_ATTENTION, RazorPolicy, window
+from kvconvert.runtime.rows import RowsLayer
 
 
 @dataclass
@@ -149,7 +150,7 @@ class WindowGroup:
         return (total / (self.dropped + n)).to(comp.dtype)
 
 
-class RazorLayer(CacheLayerMixin):
+class RazorLayer(RowsLayer):
     """One layer's cache under a `RazorPolicy`: the retrieval heads in full, the others in `WindowGroup`s (one per
     distinct window rule; one group unless the policy gives heads their own window fractions)."""
 
@@ -228,30 +229,15 @@ class RazorLayer(CacheLayerMixin):
 
     def _map(self, fn) -> None:
         """`fn` on every held tensor: the retrieval heads' and each window group's (rows are batch entries; all rows
-        hold the same positions, so the groups' counters stay as they are)."""
+        hold the same positions, so the groups' counters stay as they are). The mixin's row operations moved
+        `keys/values` only, which the next update replaced, and never the window groups: beams silently kept
+        their old caches."""
         if not self.is_initialized:
             return
         self.full_k, self.full_v = fn(self.full_k), fn(self.full_v)
         self.keys, self.values = self.full_k, self.full_v
         for g in self.groups:
             g.k, g.v = fn(g.k), fn(g.v)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i becomes row beam_idx[i] (the mixin's version moved `keys/values` only, which the
-        next update replaced, and never the window groups: beams silently kept their old caches)."""
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        self._map(lambda t: t.to(self.device, non_blocking=True))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Refused: windowed heads have folded tokens into their compensation token and dropped them, so the cache
