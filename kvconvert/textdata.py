@@ -91,10 +91,7 @@ def iter_documents(spec: str, text_field: str | None = None) -> Iterator[str | T
         raise KVConvertError(f"dataset file {spec} not found or not one of {known}")
     else:
         ds = _hub(spec, split="train")
-    field = text_field or _text_column(ds, spec)
-    features = getattr(ds, "features", None)
-    if features and field not in features:
-        raise KVConvertError(f"dataset {spec} has no column {field!r} (columns: {', '.join(features)})")
+    field = _text_column(ds, spec, text_field)
     for row in ds:
         text = row.get(field)
         if isinstance(text, str) and text.strip():
@@ -122,26 +119,24 @@ STRING_DTYPES = ("string", "large_string")
 """`datasets` Value dtypes of text (pyarrow writes `large_string` for pandas' strings: parquet, csv)."""
 
 
-def _text_column(ds, spec: str) -> str:
-    """`text`, else the dataset's only string column: from its features, or from its first row where a streamed
-    dataset has none (csv)."""
-    features = getattr(ds, "features", None)
-    if features:
-        columns = list(features)
-        texts = [name for name, feat in features.items() if getattr(feat, "dtype", None) in STRING_DTYPES]
-    else:
-        row = next(iter(ds), None) or {}
-        columns = list(row)
-        texts = [name for name, value in row.items() if isinstance(value, str)]
-    if "text" in columns:
+def _text_column(ds, spec: str, named: str | None = None) -> str:
+    """The column to read: `named` (which must exist where the dataset lists its columns), else `text`, else the
+    dataset's only string column."""
+    features = getattr(ds, "features", None) or {}
+    columns = ", ".join(features) or "none"
+    if named:
+        if features and named not in features:
+            raise KVConvertError(f"dataset {spec} has no column {named!r} (columns: {columns})")
+        return named
+    if "text" in features:
         return "text"
+    texts = [name for name, feat in features.items() if getattr(feat, "dtype", None) in STRING_DTYPES]
     if len(texts) == 1:
         return texts[0]
     if texts:
         several = ", ".join(texts)
         raise KVConvertError(f"dataset {spec} has several text columns ({several}); name one with --text-field")
-    listed = ", ".join(columns) or "none"
-    raise KVConvertError(f"dataset {spec} has no text column (columns: {listed}); name it with --text-field")
+    raise KVConvertError(f"dataset {spec} has no text column (columns: {columns}); name it with --text-field")
 
 
 def token_stream(tokenizer, documents: Iterable[str | TextFile], need: int) -> torch.Tensor:

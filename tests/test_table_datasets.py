@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from kvconvert.cli import _register, app
 from kvconvert.errors import KVConvertError
-from kvconvert.textdata import _text_column, iter_documents
+from kvconvert.textdata import iter_documents
 
 _register()
 ROWS = [{"n": i, "body": f"row {i}: the cache head keeps key {i} and value {i}."} for i in range(40)]
@@ -52,14 +52,6 @@ def test_text_wins_and_several_text_columns_need_a_name(tmp_path):
     numbers = write(tmp_path / "c.csv", [{"n": 1, "m": 2}])
     with pytest.raises(KVConvertError, match=r"no text column \(columns: n, m\)"):
         list(iter_documents(str(numbers)))
-
-
-def test_a_streamed_dataset_without_features_is_read_from_its_first_row():
-    """Streamed csv has no features until read: the column comes from the first row."""
-    assert _text_column([{"n": 1, "body": "x"}], "s") == "body"
-    assert _text_column([{"text": 1, "body": "x"}], "s") == "text"
-    with pytest.raises(KVConvertError, match="no text column"):
-        _text_column([], "s")
 
 
 def test_eval_takes_a_text_field(tmp_path, tiny_llama):
