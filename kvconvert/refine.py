@@ -141,7 +141,9 @@ def refine(
             attn = getattr(new_layers[layer], attn_path)
             init = fam.write(conv.attention(layer), new_geom)
             state = {k: v.to(device, dtype) for k, v in init.items()}
-            attn.load_state_dict(state, strict=True, assign=True)
+            # copies: the assigned tensors become the parameters, which Adam updates in place; `state` must stay
+            # the closed-form weights for the revert below
+            attn.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
             x_fit = x_conv if sequential else x_orig
             before = _error(attn, runner, layer, x_fit, y_orig, spans)
             _fit(attn, runner, layer, x_fit, y_orig, opts)

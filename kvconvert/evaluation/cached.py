@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from kvconvert.compat import cache_kwargs
 from kvconvert.evaluation.longcontext import (
     ask_passkey,
     continuation_logits,
@@ -22,6 +23,7 @@ from kvconvert.evaluation.longcontext import (
     prefill,
     random_key,
 )
+from kvconvert.evaluation.runtime import synchronize
 from kvconvert.progress import Progress, Silent
 
 DEPTHS = (0.2, 0.5, 0.8)
@@ -79,12 +81,15 @@ def evaluate_cache(
                     found.append(key in tokenizer.decode(answer[0]))
                     step(info=f"passkey at {ctx} tokens")
             ids = torch.randint(0, model.config.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+            ids = ids.to(next(model.parameters()).device)
             cache = new_cache()
             prefill(model, ids, cache, chunk)
             nxt = ids[:, -1:]
+            synchronize(ids.device)  # CUDA runs asynchronously: time the decode steps, not their launches
             t0 = time.perf_counter()
             for _ in range(new_tokens):
-                nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+                nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+            synchronize(ids.device)
             seconds = time.perf_counter() - t0
             step(info=f"decode at {ctx} tokens")
             held = _held_bytes(cache)

@@ -9,6 +9,8 @@ import random
 import torch
 import torch.nn.functional as F
 
+from kvconvert.compat import cache_kwargs
+
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about it.\n"
@@ -30,12 +32,19 @@ def passkey_parts(tokenizer, context: int, depth: float, key: str) -> tuple[torc
     return torch.tensor(intro + body[:cut] + needle.input_ids + body[cut:])[None], torch.tensor(question)[None]
 
 
+def _on_model(model, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` on the device of `model`'s weights (windows and prompts are built on the CPU)."""
+    return ids.to(next(model.parameters()).device)
+
+
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
-    """Feed `ids` through `cache` in chunks (`chunk` <= 0: all at once); return every position's logits (float32)."""
+    """Feed `ids` through `cache` in chunks (`chunk` <= 0: all at once); return every position's logits (float32),
+    on the model's device (`ids` go there first)."""
+    ids = _on_model(model, ids)
     chunk = chunk if chunk > 0 else ids.shape[1]
     out = [
-        model(input_ids=ids[:, i : i + chunk], past_key_values=cache).logits.float()
+        model(input_ids=ids[:, i : i + chunk], **cache_kwargs(cache)).logits.float()
         for i in range(0, ids.shape[1], chunk)
     ]
     return torch.cat(out, dim=1)
@@ -68,7 +77,7 @@ def greedy(
     for _ in range(new_tokens):
         nxt = logits.argmax(-1, keepdim=True)
         out.append(nxt)
-        logits = model(input_ids=nxt, past_key_values=cache).logits[:, -1].float()
+        logits = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1].float()
     return torch.cat(out, dim=1)
 
 
@@ -88,7 +97,7 @@ def random_key(rng: random.Random, digits: int) -> str:
 
 def nll(logits: torch.Tensor, ids: torch.Tensor, skip: int) -> tuple[float, int]:
     """Summed next-token NLL over positions after `skip`, and their count."""
-    pred, target = logits[0, skip:-1], ids[0, skip + 1 :]
+    pred, target = logits[0, skip:-1], ids[0, skip + 1 :].to(logits.device)
     return float(F.cross_entropy(pred, target, reduction="sum")), target.numel()
 
 

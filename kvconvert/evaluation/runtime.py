@@ -33,7 +33,7 @@ import torch
 from kvconvert.evaluation.kvcache import cache_bytes, kv_cache_bytes
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -86,7 +86,7 @@ class StepClock:
         self.stamps: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        _sync(self.device)
+        synchronize(self.device)
         self.stamps.append(time.perf_counter())
         return scores
 
@@ -128,7 +128,7 @@ def probe_model(model, context: int, new_tokens: int, repeats: int, batch: int) 
 
     def run() -> tuple[float, float, int]:
         clock = StepClock(dev)
-        _sync(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         out = model.generate(
             ids,

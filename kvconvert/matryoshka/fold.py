@@ -22,10 +22,10 @@ def fold_value_cut(model, proj: Projections) -> None:
         raise KVConvertError("folding into a stock checkpoint is exact only for a values-only cut (--values-only)")
     dims = torch.arange(head_dim)
     for i, m in enumerate(attention_modules(model)):
+        w = m.v_proj.weight
         keep = (dims < proj.value_rates[i][:, None]).double()  # (n_kv, D)
         basis = proj.value_basis[i].double()
-        cut = torch.einsum("hdr,hr,her->hde", basis, keep, basis)  # Pᵣ Pᵣᵀ per head
-        w = m.v_proj.weight
+        cut = torch.einsum("hdr,hr,her->hde", basis, keep, basis).to(w.device)  # Pᵣ Pᵣᵀ per head, where v_proj is
         folded = torch.einsum("hde,hex->hdx", cut, w.double().view(n_kv, head_dim, -1))
         w.copy_(folded.reshape_as(w).to(w.dtype))
         if m.v_proj.bias is not None:

@@ -77,10 +77,12 @@ def train_projections(
     layers, n_kv, head_dim = init.shape
     levels = rate_levels(head_dim, step, cfg.min_fraction)
     gen = torch.Generator().manual_seed(cfg.seed)
+    # the model's own device: `--device cuda:N` loads it on GPU N, while a single-process Accelerator says cuda:0
+    device = next(model.parameters()).device
     advance = (progress or Silent()).task("matryoshka training", cfg.steps)
     losses, start = [], time.perf_counter()
     for s in range(cfg.steps):
-        batch = windows[window_order(len(windows), s, cfg.batch_size, cfg.seed)].to(accelerator.device)
+        batch = windows[window_order(len(windows), s, cfg.batch_size, cfg.seed)].to(device)
         with torch.no_grad():
             for h in heads:
                 h.enabled = False
