@@ -82,8 +82,17 @@ def record_evaluation(model: str, report: dict, baseline: str | None) -> str | N
     directory = Path(model).expanduser()
     if not (directory / RECORD).is_file():
         return None
-    if update_record(directory, evaluation=evaluation_section(report, baseline)).card:
+    section = evaluation_section(report, baseline)
+    old = load_record(directory).evaluation
+    same_tokens = old is not None and (old.tokens_sha256, old.dtype) == (section["tokens_sha256"], section["dtype"])
+    if section["perplexity"]["before"] is None and same_tokens and old.perplexity.before is not None:
+        # no --baseline this time: the original's perplexity on these very tokens still holds
+        section |= {"baseline": old.baseline, "perplexity": section["perplexity"] | {"before": old.perplexity.before}}
+    updated = update_record(directory, evaluation=section)
+    if updated.card:
         return f"recorded in {directory / RECORD} and {directory / CARD}"
+    if not updated.record.is_conversion:
+        return f"recorded in {directory / RECORD}"
     return f"recorded in {directory / RECORD}; {directory / CARD} was edited by hand, so it was left as it is"
 
 

@@ -68,7 +68,17 @@ def apply_override(data: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise KVConvertError(f"--set {key}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw else None
+    node[parts[-1]] = read_value(raw)
+
+
+def read_value(raw: str) -> Any:
+    """An override's VALUE as YAML; text YAML cannot parse (`@me`, `[1`) is taken as the plain string it is."""
+    if not raw:
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def parse_recipe(data: Any, where: str) -> Recipe:
@@ -109,9 +119,16 @@ def describe(recipe: Recipe) -> list[str]:
         h = recipe.heal
         budget = f"{h.steps} steps" if h.steps else f"{h.tokens} tokens"
         lines.append(f"heal: {budget} of {' + '.join(h.datasets)}, train {h.train}, from {recipe.model}")
+    if recipe.matryoshka:
+        m = recipe.matryoshka
+        lines.append(
+            f"matryoshka: {m.budget:g} of the KV cache, {m.steps} steps on {' + '.join(m.datasets)} -> {recipe.output}"
+        )
     if recipe.eval:
         e = recipe.eval
         lines.append(f"eval: {e.dataset}, {e.samples} x {e.seq_len} tokens, against {recipe.model}")
+    if recipe.profile:
+        lines.append(f"profile: {recipe.profile.scoring} retrieval heads -> {recipe.output / 'razor_profile.json'}")
     if recipe.push:
         p = recipe.push
         mode = "pull request" if p.create_pr else f"branch {p.revision or 'main'}"

@@ -153,6 +153,10 @@ class Record(Section):
         }
         return parse_record(self.data() | plain, RECORD)
 
+    def without(self, *names: str) -> Record:
+        """A copy without the sections `names`."""
+        return parse_record({k: v for k, v in self.data().items() if k not in names}, RECORD)
+
 
 def parse_record(data: Any, where: str) -> Record:
     """Validate record data; one-line `KVConvertError` naming the first problem."""

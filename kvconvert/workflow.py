@@ -21,6 +21,7 @@ from kvconvert.progress import Progress, Silent
 from kvconvert.recipe import Recipe
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
+from kvconvert.textdata import SELF
 
 REUSED_KEYS = ("dataset", "samples", "seq_len", "seed", "text_field", "dtype")
 
@@ -47,7 +48,15 @@ def heal_request(recipe: Recipe) -> HealRequest | None:
     fields = h.model_dump(exclude={"steps", "tokens"})
     budget = {"steps": h.steps, "tokens": None} if h.steps else {"tokens": h.tokens}
     return HealRequest(
-        student=str(recipe.output), teacher=recipe.model, output=recipe.output, overwrite=True, **fields, **budget
+        student=str(recipe.output),
+        teacher=recipe.model,
+        teacher_revision=recipe.revision,
+        allow_pickle=recipe.allow_pickle,
+        output=recipe.output,
+        overwrite=True,
+        max_shard_size=recipe.compress.max_shard_size,  # the heal rewrites the output: keep compress's shards
+        **fields,
+        **budget,
     )
 
 
@@ -71,6 +80,13 @@ def preflight(recipe: Recipe, progress: Progress | None = None) -> Checkpoint:
         hub.check_target(p.repo_id, p.revision, p.create_pr)
         hub.check_access(p.repo_id)
     check_output_first(recipe.output, recipe.model, overwrite=recipe.overwrite, directory=True)
+    if (stats := recipe.calibrate.stats) is not None:
+        out, kept = recipe.output.expanduser().resolve(), stats.expanduser().resolve()
+        if kept == out or out in kept.parents:
+            raise KVConvertError(
+                f"calibrate.stats {stats} lies inside the output {recipe.output}, which the run replaces; "
+                "keep the statistics outside it"
+            )
     ckpt = recipe.resolve(progress)
     parse_heads(recipe.compress.heads, ckpt.family.geometry(ckpt.config))
     prepare_output(recipe.output, ckpt.path, recipe.overwrite)
@@ -94,6 +110,15 @@ def check_reusable(ckpt: Checkpoint, path: Path, req: CalibrateConfig) -> None:
         if stats.source.get(key) != want[key]:
             raise KVConvertError(
                 f"{path} was calibrated with {key}={stats.source.get(key)!r}, the recipe asks {want[key]!r}; "
+                "delete the file or point calibrate.stats elsewhere"
+            )
+    if req.dataset != SELF:  # the same name may now hold other text: compare the windows it gives (tokenizer only)
+        from kvconvert.pipeline import request_windows
+        from kvconvert.textdata import windows_digest
+
+        if windows_digest(request_windows(ckpt, req)) != stats.source.get("tokens_sha256"):
+            raise KVConvertError(
+                f"{path} was calibrated on other text than {req.dataset} holds now; "
                 "delete the file or point calibrate.stats elsewhere"
             )
 
@@ -159,7 +184,7 @@ def run_recipe(recipe: Recipe, progress: Progress | None = None) -> RecipeResult
 
         t0 = time.perf_counter()
         run = MatryoshkaRunRequest(model=str(recipe.output), output=recipe.output, **recipe.matryoshka.model_dump())
-        run_matryoshka(run, progress)
+        run_matryoshka(run, progress, in_place_ok=True)  # the projections join the recipe's own output
         timings["matryoshka"] = time.perf_counter() - t0
 
     if recipe.eval:

@@ -43,6 +43,8 @@ def heal_in_place(req: CompressRequest, tokens: int) -> HealRequest:
     return HealRequest(
         student=str(req.output),
         teacher=req.model,
+        teacher_revision=req.revision,
+        allow_pickle=req.allow_pickle,
         output=req.output,
         datasets=[cal.dataset] if cal.dataset == "self" else [cal.dataset, "self"],
         tokens=tokens,

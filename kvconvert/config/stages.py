@@ -153,6 +153,7 @@ class HealConfig(StageConfig):
         metavar="SRC",
         min_length=1,
     )
+    text_field: str | None = setting(None, TEXT_FIELD_HELP, TRAINING, metavar="COL")
     tokens: int | None = setting(100_000, "Distillation tokens (rounded up to whole steps).", TRAINING, ge=1)
     steps: int | None = setting(None, "Optimizer steps (overrides --tokens).", TRAINING, ge=1)
     seq_len: int = setting(512, "Tokens per window.", TRAINING, ge=2)
@@ -182,9 +183,12 @@ class HealRequest(HealConfig):
 
     student: str = setting(..., "The converted checkpoint to heal (e.g. the output of `compress`).", INPUT)
     teacher: str = setting(..., "The original model the student was converted from.", INPUT, metavar="MODEL")
+    teacher_revision: str | None = setting(
+        None, "Hub revision (branch, tag or commit) of --teacher.", INPUT, metavar="REV"
+    )
+    allow_pickle: bool = setting(False, "Read pytorch_model*.bin weights (with torch.load(weights_only=True)).", SAFETY)
     output: Path = output_field()
     warmup: float = setting(0.05, "Share of the steps spent warming the learning rate up.", TRAINING, ge=0, lt=1)
-    text_field: str | None = setting(None, TEXT_FIELD_HELP, TRAINING, metavar="COL")
     state_dir: Path | None = setting(None, "Where states go (default: OUTPUT.heal-state).", OUTPUT, metavar="DIR")
     resume: bool = setting(False, "Continue an interrupted run from its last state.", OUTPUT)
     overwrite: bool = overwrite_field("Replace a non-empty output (or the student).")

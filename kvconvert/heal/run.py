@@ -75,7 +75,8 @@ def run_heal(
 
     progress = progress or Silent()
     t_start = time.perf_counter()
-    student_ckpt, teacher_ckpt = resolve(req.student, progress=progress), resolve(req.teacher, progress=progress)
+    student_ckpt = resolve(req.student, allow_pickle=req.allow_pickle, progress=progress)
+    teacher_ckpt = resolve(req.teacher, revision=req.teacher_revision, allow_pickle=req.allow_pickle, progress=progress)
     check_request(req, teacher_ckpt, student_ckpt)
     device = resolve_device(req.device)
     dtype = resolve_dtype(req.dtype, device)
@@ -111,7 +112,7 @@ def run_heal(
     windows, sources = checkpointing.load_windows(state_dir)
 
     student = AutoModelForCausalLM.from_pretrained(student_ckpt.path, dtype=torch.float32)
-    student = select_trainable(student, student_ckpt.family, req.train, req.lora_rank)
+    student = select_trainable(student, student_ckpt.family, req.train, req.lora_rank, req.seed)
     cfg = TrainConfig(steps=steps, **req.model_dump(include={"batch_size", "lr", "warmup", "seed", "checkpoint_every"}))
     settings = json.loads(
         json.dumps(
@@ -121,6 +122,8 @@ def run_heal(
                 "train": req.train,
                 "lora_rank": req.lora_rank if req.train == "lora" else None,
                 "processes": accelerator.num_processes,
+                "seq_len": req.seq_len,  # the saved windows fix it; another --seq-len would only mislabel them
+                "mixed_precision": precision,
                 "windows_sha256": windows_digest(windows),
                 "student": str(student_ckpt.path),
                 "teacher": str(teacher_ckpt.path),
@@ -169,10 +172,16 @@ def run_heal(
     return HealResult(req.output, record, verified, time.perf_counter() - t_start)
 
 
+STUDENT_ONLY = ("evaluation", "hub", "matryoshka")
+"""Sections of the student's kvconvert.json that a healed output does not inherit."""
+
+
 def heal_record(student: Checkpoint, req: HealRequest, settings: dict, sources, result) -> Record:
     """The student's kvconvert.json (if any) plus a `heal` entry describing this run (no timings: the same inputs
     give the same bytes)."""
-    record = read_record(student.path) or new_record()
+    # the student's perplexity, its Hub upload and its MatryoshkaKV projections (a file heal does not carry over)
+    # describe the student, not the healed weights
+    record = (read_record(student.path) or new_record()).without(*STUDENT_ONLY)
     return record.with_sections(
         heal={
             "kvconvert_version": __version__,

@@ -10,15 +10,18 @@ from kvconvert.families import Family
 TRAIN_MODES = ("attn", "all", "lora")
 
 
-def select_trainable(model, family: Family, mode: str, lora_rank: int = 16):
-    """Freeze all but the chosen parameters; for `lora`, return a peft model with adapters on every linear layer."""
+def select_trainable(model, family: Family, mode: str, lora_rank: int = 16, seed: int = 0):
+    """Freeze all but the chosen parameters; for `lora`, return a peft model with adapters on every linear layer
+    (initialised from `seed`, so the same inputs and seed give the same healed model)."""
     if mode not in TRAIN_MODES:
         raise KVConvertError(f"unknown --train {mode}; choose {', '.join(TRAIN_MODES)}")
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules="all-linear")
-        return get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):  # the adapters' random init, without touching the global RNG
+            torch.manual_seed(seed)
+            return get_peft_model(model, config)
     embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     attn_scope, projections = f"{family.attention}.", family.projection_modules()
     for name, p in model.named_parameters():

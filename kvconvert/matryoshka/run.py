@@ -146,7 +146,11 @@ def build_projections(
     return proj, info
 
 
-def run_matryoshka(req: MatryoshkaRunRequest, progress: Progress | None = None) -> MatryoshkaResult:
+def run_matryoshka(
+    req: MatryoshkaRunRequest, progress: Progress | None = None, *, in_place_ok: bool = False
+) -> MatryoshkaResult:
+    """Run MatryoshkaKV on `req.model` into `req.output`. `in_place_ok`: the output may be the model itself (a
+    recipe adds the projections to its own output); otherwise that is refused like any output overlapping the input."""
     progress = progress or Silent()
     if not 0 < req.budget <= 1:
         raise KVConvertError(f"--budget {req.budget} must be in (0, 1]")
@@ -155,7 +159,7 @@ def run_matryoshka(req: MatryoshkaRunRequest, progress: Progress | None = None) 
     if req.fold_values and not req.values_only:
         raise KVConvertError("--fold-values is exact only for a values-only cut; add --values-only")
     ckpt = resolve(req.model, progress=progress)
-    in_place = req.output.resolve() == ckpt.path.resolve()  # a recipe adds the projections to its own output
+    in_place = in_place_ok and req.output.resolve() == ckpt.path.resolve()
     if not in_place:
         prepare_output(req.output, ckpt.path, req.overwrite)
     device = resolve_device(req.device)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache
 
+from kvconvert.errors import KVConvertError
 from kvconvert.evaluation.kvcache import sliding_windows
 from kvconvert.matryoshka.projections import Projections, load_projections
 from kvconvert.runtime.matryoshka_attention import (
@@ -187,5 +188,10 @@ def matryoshka_runtime(model, arg: str | None) -> MatryoshkaRuntime:
     proj, info = load_projections(where)
     rt = MatryoshkaRuntime(proj, info)
     rt.dtype_bytes = next(model.parameters()).element_size()
-    rt.attach(model)
+    try:
+        rt.attach(model)
+    except ValueError as exc:  # projections of another model (other layer or KV-head count)
+        raise KVConvertError(
+            f"{where} does not fit this model ({exc}); run `kvconvert matryoshka` on this model"
+        ) from None
     return rt
