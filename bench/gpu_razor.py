@@ -16,6 +16,7 @@ import torch
 from bench.gpu_common import SMOKE, device, left, save, sync
 from bench.gpu_runtime import build
 from bench.razor_speed import cache_bytes
+from kvconvert.compat import cache_kwargs
 
 POINTS_FULL = [(16, 8192), (16, 32768), (64, 16384)]
 POINTS_TINY = [(2, 640)]
@@ -53,7 +54,7 @@ def run_point(model, kind: str, batch: int, context: int, steps: int, chunk: int
     sync()
     t0 = time.perf_counter()
     for i in range(0, context, chunk):
-        logits = model(input_ids=ids[:, i : i + chunk], past_key_values=cache, logits_to_keep=1).logits
+        logits = model(input_ids=ids[:, i : i + chunk], **cache_kwargs(cache), logits_to_keep=1).logits
     sync()
     prefill = time.perf_counter() - t0
     tok = logits[:, -1:].argmax(-1)
@@ -61,7 +62,7 @@ def run_point(model, kind: str, batch: int, context: int, steps: int, chunk: int
         if i == 2:
             sync()
             t0 = time.perf_counter()
-        tok = model(input_ids=tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        tok = model(input_ids=tok, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     sync()
     seconds = time.perf_counter() - t0
     held = cache_bytes(cache)

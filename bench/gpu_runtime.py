@@ -20,6 +20,7 @@ import torch
 
 from bench.gpu_common import SMOKE, device, left, save, sync
 from bench.razor_speed import cache_bytes
+from kvconvert.compat import cache_kwargs
 
 SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
 TINY = dict(vocab_size=512, hidden_size=72, intermediate_size=128, num_hidden_layers=2, num_attention_heads=9)
@@ -69,7 +70,7 @@ def decode(model, batch: int, context: int, steps: int, warmup: int = 2) -> dict
         if i == warmup:
             sync()
             t0 = time.perf_counter()
-        out = model(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True)
+        out = model(input_ids=tok, **cache_kwargs(cache), position_ids=pos, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         pos = pos + 1
     sync()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kvconvert.compat import cache_kwargs
 from kvconvert.evaluation.perplexity import perplexity
 from kvconvert.heal.data import text_windows
 from kvconvert.matryoshka.moments import collect_kv_moments
@@ -155,7 +156,7 @@ def cache_check(model, proj: Projections, tokens: int) -> dict:
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, tokens // 2), generator=torch.Generator().manual_seed(0))
     cache = rt.new_cache(model, 1)
-    model.generate(ids.to(device), past_key_values=cache, max_new_tokens=tokens - tokens // 2, do_sample=False)
+    model.generate(ids.to(device), **cache_kwargs(cache), max_new_tokens=tokens - tokens // 2, do_sample=False)
     seen = cache.get_seq_length()
     detach(model)
     dyn = model(ids.to(device), use_cache=True).past_key_values

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from kvconvert.compat import cache_kwargs
 from kvconvert.evaluation.longcontext import ask_passkey, continuation_logits, nll, passkey_parts, ppl, random_key
 from kvconvert.razor.tiers import parse_tiers, tiered_heads
 from kvconvert.runtime.razor import policy_for, runtime_from_policy
@@ -119,7 +120,7 @@ def run(args) -> dict:
             nxt, t0, w0 = ids[:, -1:], time.process_time(), time.perf_counter()
             with torch.no_grad():
                 for _ in range(args.decode_tokens):
-                    nxt = model(input_ids=nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+                    nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
             decode_cpu, decode_wall = time.process_time() - t0, time.perf_counter() - w0
             rows.append(
                 {

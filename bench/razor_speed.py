@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from kvconvert.compat import cache_kwargs
+
 
 def _status_mib(field: str) -> float:
     """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in MiB."""
@@ -74,11 +76,11 @@ def measure(model_name: str, method: str, profile: str, context: int, decode: in
     base = _status_mib("VmRSS")
     t0 = time.process_time()
     for i in range(0, context, chunk):
-        logits = model(input_ids=ids[:, i : i + chunk], past_key_values=cache, logits_to_keep=1).logits
+        logits = model(input_ids=ids[:, i : i + chunk], **cache_kwargs(cache), logits_to_keep=1).logits
     prefill_cpu = time.process_time() - t0
     nxt, t0 = logits[:, -1:].argmax(-1), time.process_time()
     for _ in range(decode):
-        nxt = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        nxt = model(input_ids=nxt, **cache_kwargs(cache), logits_to_keep=1).logits[:, -1:].argmax(-1)
     decode_cpu = time.process_time() - t0
     return {
         "method": method,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kvconvert.compat import cache_kwargs
+
 
 class StaticDecoder:
     """A static cache holding `context` tokens (random K/V, what a prefill leaves) with room for `steps` more."""
@@ -44,7 +46,7 @@ class StaticDecoder:
             input_ids=self.tok,
             position_ids=self.pos,
             attention_mask=self.mask,
-            past_key_values=self.cache,
+            **cache_kwargs(self.cache),
             use_cache=True,
         )
         self.logits = out.logits[:, -1]

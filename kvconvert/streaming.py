@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kvconvert.checkpoint import Checkpoint
+from kvconvert.compat import cache_kwargs
 
 
 class HiddenStore:
@@ -150,7 +151,7 @@ class LayerRunner:
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=None,
-            past_key_values=None,
+            **cache_kwargs(None),
             position_ids=positions,
         )
         return {

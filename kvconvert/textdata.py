@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from kvconvert.compat import cache_kwargs
 from kvconvert.errors import KVConvertError, first_line
 from kvconvert.io.digest import sha256_of
 from kvconvert.progress import Progress, Silent
@@ -214,7 +215,7 @@ def _sample_batch(model, start: int, eos: int | None, rows: int, seq_len: int, d
     cache = DynamicCache()
     out = [ids]
     for _ in range(seq_len - 1):
-        logits = model(input_ids=out[-1], past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=out[-1], **cache_kwargs(cache), use_cache=True).logits
         out.append(_next_tokens(logits, eos))
         on_token(rows)
     return torch.cat(out, dim=1).cpu()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
 from kvconvert.families import FAMILIES, family_for
 from kvconvert.merge.qknorm import key_maps
@@ -29,19 +30,33 @@ def test_read_then_write_is_identity(fam):
         assert torch.equal(back[name], t), name
 
 
-def test_falcon_groups_follow_transformers_split():
+def test_falcon_groups_follow_transformers_attention():
+    """The fused `query_key_value`, read into separate q/k/v/o, gives exactly the attention transformers' Falcon
+    computes (RoPE, causal SDPA, query head i reading KV head i // 2, `dense`): checked on the output, not on a
+    private split helper, which transformers 5.25 removed."""
+    torch.manual_seed(0)
     config = tiny_config("falcon", heads=4, kv_heads=2)
+    config._attn_implementation = "sdpa"
     fam = family_for(config)
     geom = fam.geometry(config)
-    attn = AutoModelForCausalLM.from_config(config).transformer.h[0].self_attention
-    x = torch.randn(1, 3, geom.hidden_size)
-    with torch.no_grad():
-        q, k, _v = attn._split_heads(attn.query_key_value(x))
+    model = AutoModelForCausalLM.from_config(config).eval()
+    attn = model.transformer.h[0].self_attention
     w = fam.read(attn.state_dict(), geom)
-    d = geom.head_dim
-    k_heads = (x @ w.k_weight.T + w.k_bias).reshape(1, 3, 2, d)
-    torch.testing.assert_close(k.reshape(1, 3, 4, d)[:, :, ::2], k_heads)  # broadcast: q heads 0, 2 read kv 0, 1
-    torch.testing.assert_close(q.reshape(1, 3, -1), x @ w.q_weight.T + w.q_bias)
+    t, d, h, kv = 5, geom.head_dim, geom.num_heads, geom.num_kv_heads
+    x = torch.randn(1, t, geom.hidden_size)
+    pos = torch.arange(t)[None]
+    cos, sin = model.transformer.rotary_emb(x, pos)
+    with torch.no_grad():
+        got = attn(x, alibi=None, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))[0]
+        q = (x @ w.q_weight.T + w.q_bias).view(1, t, h, d).transpose(1, 2)
+        k = (x @ w.k_weight.T + w.k_bias).view(1, t, kv, d).transpose(1, 2)
+        v = (x @ w.v_weight.T + w.v_bias).view(1, t, kv, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+        heads = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        want = heads.transpose(1, 2).reshape(1, t, h * d) @ w.o_weight.T
+        want = want + w.o_bias if w.o_bias is not None else want
+    torch.testing.assert_close(got, want)
 
 
 def test_qk_norm_key_maps_of_duplicates_are_identity():

@@ -416,5 +416,6 @@ def test_taking_tokens_back_is_refused_with_the_reason(llama):
     rt = runtime_from_policy(llama, policy_for(llama, [[1], []], sinks=2, window_floor=4, window_fraction=0.0))
     rt.attach(llama)
     ids = torch.cat([_ids(1, 12)] * 2, dim=1)  # repeats, so prompt lookup proposes tokens and crops the rejected
-    with pytest.raises(ValueError, match="cannot take tokens back"):
+    # the layer's own reason; newer transformers (5.25) read `is_croppable` first and refuse with theirs
+    with pytest.raises(ValueError, match=r"cannot take tokens back|requires a cache that can be cropped"):
         llama.generate(ids, past_key_values=rt.new_cache(llama, 1), max_new_tokens=6, prompt_lookup_num_tokens=3)

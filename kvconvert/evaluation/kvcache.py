@@ -8,8 +8,8 @@ import torch
 def _kv_heads_and_head_dim(config) -> tuple[int, int]:
     """Heads per layer the cache holds and head size, as the model's family reads them, else the usual keys.
 
-    Falcon's transformers attention caches its keys and values already broadcast to every query head, so its
-    DynamicCache holds num_attention_heads heads per layer whatever num_kv_heads is (llama.cpp's does not).
+    Before transformers 5.25 Falcon's attention cached its keys and values already broadcast to every query head,
+    so its DynamicCache held num_attention_heads heads per layer whatever num_kv_heads was (`Family.cache_heads`).
     """
     from kvconvert.errors import KVConvertError
     from kvconvert.families import family_for

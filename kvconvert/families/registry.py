@@ -14,6 +14,15 @@ ALL_RMS = QKNorm("all")
 COHERE_NORM = QKNorm("heads", kind="layer", flag="use_qk_norm")
 
 
+def _falcon_cache_heads() -> str:
+    """Before transformers 5.25 its Falcon attention cached keys and values already broadcast to every query head (a
+    DynamicCache of num_attention_heads heads per layer); from 5.25 on it caches the KV heads, as other families do."""
+    import transformers
+    from packaging.version import Version
+
+    return "query" if Version(transformers.__version__) < Version("5.25.0") else "kv"
+
+
 def _falcon(config: PretrainedConfig) -> str | None:
     if getattr(config, "alibi", False):
         return "Falcon with ALiBi has no rotary embedding; kvconvert merges rotary (or unrotated) keys only"
@@ -78,7 +87,7 @@ FAMILIES: tuple[Family, ...] = (
         embed_name="transformer.word_embeddings.weight",
         layer_kwargs={"alibi": None},
         refuse=_falcon,
-        cache_heads="query",
+        cache_heads=_falcon_cache_heads(),
     ),
 )
 
