@@ -181,6 +181,7 @@ def calibrate(
     source = {
         **text.model_dump(include={"dataset", "samples", "seq_len", "seed", "text_field"}),
         "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.device(device).type,  # `self` samples depend on it (CUDA and CPU draw other tokens)
         "tokens_sha256": windows_digest(windows),
     }
     geom = ckpt.family.geometry(ckpt.config)

@@ -31,7 +31,7 @@ from kvconvert.refine import refine
 from kvconvert.sources import read_provenance
 from kvconvert.stats import CalibrationStats
 from kvconvert.targets import parse_heads
-from kvconvert.textdata import describe, windows_digest
+from kvconvert.textdata import SELF, describe, windows_digest
 from kvconvert.verify import VerifyResult, converted_in_memory, verify, verify_streamed
 
 CalibrationRequest = CalibrateConfig
@@ -90,6 +90,13 @@ def stats_windows(ckpt: Checkpoint, stats: CalibrationStats, device: str, progre
     )
     windows = request_windows(ckpt, req, progress)
     if windows_digest(windows) != src.get("tokens_sha256"):
+        if src["dataset"] == SELF:
+            here, there = resolve_device(device).type, src.get("device", "another device")
+            raise KVConvertError(
+                f"the stats' windows were sampled from the model (--dataset self) on {there}; sampling again on "
+                f"{here} gave other tokens (samples depend on the device and dtype): refine on {there}, recalibrate "
+                "here, or calibrate on a text dataset"
+            )
         raise KVConvertError(
             f"the calibration text {src['dataset']} no longer gives the windows the stats were computed on; "
             "recalibrate or drop --stats"

@@ -188,3 +188,21 @@ def test_layers_read_ahead_are_the_layers_loaded_and_errors_reach_the_loader(tin
     broken.load(0)
     with pytest.raises(KVConvertError, match="shard truncated"):
         broken.load(1)
+
+
+def test_self_windows_sampled_on_another_device_say_so(tiny_llama):
+    """`calibrate --dataset self` on a GPU, then `compress --stats F --refine-steps N` on the CPU: sampling again
+    draws other tokens there; the error names the device the windows were sampled on, not a changed text."""
+    from kvconvert.pipeline import stats_windows
+
+    ckpt = resolve(str(tiny_llama))
+    source = {"dataset": "self", "samples": 1, "seq_len": 8, "seed": 0, "dtype": "float32", "device": "cuda"}
+    stats = CalibrationStats(torch.zeros(1), [], 8, ckpt.fingerprint(), source | {"tokens_sha256": "0" * 64})
+    with pytest.raises(KVConvertError, match=r"sampled from the model \(--dataset self\) on cuda; .* on cpu"):
+        stats_windows(ckpt, stats, "cpu")
+
+
+def test_statistics_record_the_device_they_were_computed_on(tmp_path, tiny_llama, text_a):
+    req = CalibrationRequest(dataset=str(text_a), samples=2, seq_len=16, device="cpu")
+    stats = run_calibration(resolve(str(tiny_llama)), req, tmp_path / "s.safetensors")
+    assert stats.source["device"] == "cpu"
