@@ -193,6 +193,32 @@ def test_output_inside_or_equal_to_the_input(model_copy, text_a, where):
     assert snapshot(model_copy) == before
 
 
+SIGNAL_TURNED_INTO_A_READ_ERROR = """
+import os, signal
+import kvconvert.cli as cli
+from kvconvert.errors import KVConvertError
+
+def app(**_):
+    try:  # as torch does when the signal lands inside its tensor conversion: another exception replaces it
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException:
+        pass
+    raise KVConvertError("cannot read tensor w from model.safetensors: could not determine the shape")
+
+cli.app, cli._register = app, lambda: None
+cli.main()
+"""
+
+
+def test_an_interruption_that_c_code_turned_into_another_error_is_reported_as_one():
+    """SIGINT inside safetensors' tensor construction surfaced as torch's "could not determine the shape of object
+    type 'torch.storage.UntypedStorage'", which the reader reported as an unreadable tensor (seen in
+    test_interrupt_mid_write_... under transformers 5.25's timing): after a signal, any failure is the interruption."""
+    r = subprocess.run([sys.executable, "-c", SIGNAL_TURNED_INTO_A_READ_ERROR], capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "interrupted" in lines[0], r.stderr
+
+
 def test_interrupt_mid_write_leaves_old_output_or_complete_new(tmp_path, text_a):
     """SIGINT while shards are being written: exit 2, no temporary left, the old output intact (never partial)."""
     model = make_model(tmp_path / "big", "llama", heads=16, kv_heads=8, head_dim=32, layers=6)

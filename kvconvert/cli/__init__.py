@@ -75,8 +75,18 @@ def quiet_libraries() -> None:
 _quiet_libraries = quiet_libraries
 
 
-def _raise_interrupted(signum: int, _frame) -> None:
-    raise Interrupted(signum)
+class StopSignals:
+    """The CLI's SIGINT/SIGTERM handler: raises `Interrupted` and remembers that a signal came. C code the signal
+    lands in may replace that exception by its own (torch turns it into "could not determine the shape of object
+    type 'torch.storage.UntypedStorage'" while safetensors builds a tensor), which a read then reports as a bad
+    file; `main` reports any failure after a signal as the interruption it is."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def __call__(self, signum: int, _frame) -> None:
+        self.received = signum
+        raise Interrupted(signum)
 
 
 def fail(message: str) -> None:
@@ -90,10 +100,16 @@ def main() -> None:
 
     prepare_environment()  # before anything imports torch: idle OpenMP threads sleep instead of spinning
     _register()
+    signals = StopSignals()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_interrupted)
+        signal.signal(signum, signals)
     try:
-        code = app(standalone_mode=False)
+        try:
+            code = app(standalone_mode=False)
+        except Exception:
+            if signals.received is not None:  # whatever the signal turned into on its way up
+                raise Interrupted(signals.received) from None
+            raise
     except click_errors.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help())
         sys.exit(2)
