@@ -24,6 +24,7 @@ from kvconvert.io.shards import ShardPlan, Spec, layout, write_shards
 from kvconvert.io.staging import check_not_input, check_replaceable, staged
 from kvconvert.memory import release_memory
 from kvconvert.progress import Progress, Silent
+from kvconvert.razor.store import CONFIG_KEY as RAZOR_CONFIG_KEY
 
 __all__ = ["ExportResult", "layers_in_write_order", "prepare_output", "write_checkpoint", "write_into"]
 
@@ -141,6 +142,7 @@ def write_into(
     written = write_shards(directory, specs, produce, plan)
     config = dict(ckpt.raw_config)
     config[ckpt.family.kv_heads_key] = conv.plan.num_kv_heads_after
+    config.pop(RAZOR_CONFIG_KEY, None)  # the source's retrieval heads name KV heads the merge has replaced
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for path in ckpt.side_files():
         shutil.copyfile(path, directory / path.name)

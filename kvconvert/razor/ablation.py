@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from kvconvert.progress import Advance, Progress, Silent
 from kvconvert.runtime.razor_policy import window
@@ -103,6 +104,7 @@ def row_losses(
     first = int(targets.min()) - 1
     previous = model.config.get_text_config()._attn_implementation
     AttentionInterface.register(ABLATE, _ablation_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ABLATE, sdpa_mask)  # else no mask at all: sliding layers would see all
     model.set_attn_implementation(ABLATE)
     losses = []
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PROBE = "kvconvert_profile_probe"
 
@@ -88,6 +89,7 @@ def head_scores(model, s: ProfileSettings, seed: int) -> tuple[torch.Tensor, tor
     probe = Probe(query_pos.to(device), s.block, s.prefix)
     previous = config._attn_implementation
     AttentionInterface.register(PROBE, _probe_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PROBE, sdpa_mask)  # else no mask at all: sliding layers would see all
     model.set_attn_implementation(PROBE)
     try:
         model(input_ids=ids, use_cache=False, kvconvert_probe=probe)

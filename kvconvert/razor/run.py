@@ -18,8 +18,9 @@ from kvconvert.runtime.razor_policy import window
 
 def eligible_heads(config, n_kv: int) -> torch.Tensor:
     """(layer, KV head) that may be retrieval heads: not in sliding-window layers."""
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return torch.tensor([[t != "sliding_attention"] * n_kv for t in types], dtype=torch.bool)
+    from kvconvert.evaluation.kvcache import sliding_windows
+
+    return torch.tensor([[w is None] * n_kv for w in sliding_windows(config)], dtype=torch.bool)
 
 
 def _echo_induction(model, req: ProfileRunRequest, eligible: torch.Tensor, progress: Progress) -> tuple[dict, dict]:
@@ -50,6 +51,12 @@ def run_profile(req: ProfileRunRequest, progress: Progress | None = None) -> dic
     from kvconvert.checkpoint import resolve
     from kvconvert.modeling import load_model, resolve_device, resolve_dtype
 
+    if req.attach and not Path(req.model).expanduser().is_dir():  # before the minutes of profiling, not after
+        raise KVConvertError(
+            f"--attach stores the profile in MODEL's own directory, and {req.model} is not a checkpoint directory "
+            "(its files are a cache kvconvert or the Hub keeps); profile without --attach and pass the file: "
+            "--cache razor:PROFILE.json"
+        )
     ckpt = resolve(req.model, progress=progress)
     dev = resolve_device(req.device)
     model = load_model(ckpt, dev, resolve_dtype(req.dtype, dev))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvconvert.errors import KVConvertError, first_line
+from kvconvert.evaluation.kvcache import sliding_windows
 from kvconvert.runtime.razor_attention import register
 from kvconvert.runtime.razor_cache import RazorCache
 from kvconvert.runtime.razor_policy import RazorPolicy
@@ -19,9 +21,8 @@ def policy_for(model, retrieval: list[list[int]], **rule) -> RazorPolicy:
     config = _attn_config(model)
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    sliding = getattr(config, "sliding_window", None)
-    fixed = tuple(sliding if t == "sliding_attention" and sliding else None for t in types)
+    # as transformers lays its own cache out: a `sliding_window` without `layer_types` (Mistral) slides every layer
+    fixed = tuple(sliding_windows(config))
     if len(retrieval) != config.num_hidden_layers:
         raise ValueError(f"profile has {len(retrieval)} layers, the model {config.num_hidden_layers}")
     return RazorPolicy(tuple(tuple(r) for r in retrieval), n_kv, head_dim, fixed_window=fixed, **rule)
@@ -58,4 +59,18 @@ def razor_runtime(model, arg: str | None) -> RazorRuntime:
     from kvconvert.razor.store import load_profile, profile_of_config
 
     profile = load_profile(arg) if arg else profile_of_config(_attn_config(model), model.config)
-    return runtime_from_policy(model, policy_for(model, profile["retrieval"], **profile.get("runtime", {})))
+    source = arg or "the model's own profile"
+    config = _attn_config(model)
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    made_for = {"num_layers": config.num_hidden_layers, "num_kv_heads": n_kv}
+    for key, value in made_for.items():
+        if key in profile and profile[key] != value:
+            raise KVConvertError(
+                f"{source} was made for a model with {key} = {profile[key]}, this one has {value}; "
+                "profile this model: kvconvert profile MODEL --output PROFILE.json"
+            )
+    try:
+        policy = policy_for(model, profile["retrieval"], **profile.get("runtime", {}))
+    except (TypeError, ValueError) as exc:  # another model's profile, or a runtime rule this version does not know
+        raise KVConvertError(f"{source} does not fit this model: {first_line(exc)}") from None
+    return runtime_from_policy(model, policy)

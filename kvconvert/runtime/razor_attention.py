@@ -29,8 +29,11 @@ def razor_attention(module, query, key, value, attention_mask, dropout: float = 
     """(b, q, heads, d_v) attention output and no weights."""
     view = getattr(key, "razor_view", None)
     if view is None:  # another cache, or none: transformers' SDPA (causal mask aligned to the last key)
-        if attention_mask is None and 1 < query.shape[2] < key.shape[2]:
-            attention_mask = _bottom_right_causal(query.shape[2], key.shape[2], query.device)
+        window = kwargs.get("sliding_window")
+        q, k = query.shape[2], key.shape[2]
+        # the model built no mask (`razor` asks for none): a sliding-window layer needs its window back
+        if attention_mask is None and ((1 < q < k) or (window and k > window)):
+            attention_mask = _bottom_right_causal(q, k, query.device, window)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if attention_mask is not None:
         raise ValueError("the razor cache serves unpadded batches only (all sequences of one length)")
@@ -44,8 +47,12 @@ def razor_attention(module, query, key, value, attention_mask, dropout: float = 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _bottom_right_causal(q: int, k: int, device) -> torch.Tensor:
-    return torch.arange(k, device=device)[None, :] <= torch.arange(k - q, k, device=device)[:, None]
+def _bottom_right_causal(q: int, k: int, device, window: int | None = None) -> torch.Tensor:
+    """(q, k) causal mask of the last `q` of `k` positions; with `window`, each query sees its last `window` keys
+    (transformers' sliding-window rule: key > query - window)."""
+    key, query = torch.arange(k, device=device)[None, :], torch.arange(k - q, k, device=device)[:, None]
+    mask = key <= query
+    return mask & (key > query - window) if window else mask
 
 
 def _mask_only_for_padding(attention_mask=None, **kwargs):
