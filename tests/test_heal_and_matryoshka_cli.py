@@ -138,3 +138,17 @@ def test_matryoshka_into_its_own_model_directory_is_refused(tiny_llama, text_a, 
     assert r.exit_code != 0 and isinstance(r.exception, KVConvertError), r.output
     assert "overlaps the input" in str(r.exception)
     assert {p.name: p.read_bytes() for p in model.iterdir()} == files  # the input untouched
+
+
+def test_heal_on_cuda_n_runs_with_gpu_n_current(monkeypatch):
+    """`heal --device cuda:1` trained on cuda:0: a single-process Accelerator places everything on "cuda", the
+    current device. run_heal now runs inside `torch.cuda.device(1)` (built lazily: no GPU is touched here)."""
+    from kvconvert.heal.run import on_device_index
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = on_device_index(torch.device("cuda:1"))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert not isinstance(on_device_index(torch.device("cuda")), torch.cuda.device)  # no index: as accelerate picks
+    assert not isinstance(on_device_index(torch.device("cpu")), torch.cuda.device)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun/accelerate launch: each process has its own GPU
+    assert not isinstance(on_device_index(torch.device("cuda:1")), torch.cuda.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -63,12 +64,30 @@ def check_request(req: HealRequest, teacher: Checkpoint, student: Checkpoint) ->
         )
 
 
+def on_device_index(device: torch.device) -> contextlib.AbstractContextManager:
+    """`--device cuda:N` in one process: accelerate places everything on "cuda", the current CUDA device, which is
+    cuda:0 unless set; inside this context it is N. Other devices, and several processes (each has its own GPU):
+    nothing to do."""
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
 def run_heal(
     req: HealRequest,
     progress: Progress | None = None,
     on_step: Callable[[StepInfo, torch.nn.Module], None] | None = None,
 ) -> HealResult | None:
     """Heal `req.student` towards `req.teacher` and write it to `req.output` (returns None on non-main processes)."""
+    with on_device_index(resolve_device(req.device)):
+        return _run_heal(req, progress, on_step)
+
+
+def _run_heal(
+    req: HealRequest,
+    progress: Progress | None,
+    on_step: Callable[[StepInfo, torch.nn.Module], None] | None,
+) -> HealResult | None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM, AutoTokenizer
