@@ -143,7 +143,9 @@ def _kv_rows(info: Record) -> list[str]:
         label = cache.dtype or f"{8 * size}-bit"
         rows.append(f"| KV cache per token ({label}) | {per.before:,} B | {per.after:,} B |")
         if ctx := cache.context_length:
-            before, after = _mib(per.before * ctx), _mib(per.after * ctx)
+            at = cache.bytes_at_context  # sliding windows counted (records before it: every layer keeps every token)
+            before, after = (at.before, at.after) if at else (per.before * ctx, per.after * ctx)
+            before, after = _mib(before), _mib(after)
             rows.append(f"| KV cache at {ctx:,} tokens ({label}) | {before} | {after} |")
         if size != 2:  # what runtimes usually serve in
             before, after = per.before * 2 // size, per.after * 2 // size
@@ -198,9 +200,15 @@ def _reproduce(info: Record) -> list[str]:
     cmd = (
         f"kvconvert compress {info.source} --heads {info.num_key_value_heads.after} --method {info.method} "
         f"--grouping {info.grouping} --dataset {cal.dataset} --samples {cal.samples} "
-        f"--seq-len {cal.seq_len} --seed {cal.seed} --output OUT"
+        f"--seq-len {cal.seq_len} --seed {cal.seed}"
     )
-    return ["```bash", cmd, "```"]
+    if text_field := (cal.model_extra or {}).get("text_field"):
+        cmd += f" --text-field {text_field}"
+    if r := info.refine:  # the refinement changed the weights: without it the command makes another model
+        cmd += f" --refine-steps {r.steps} --refine-lr {r.lr}"
+        cmd += f" --refine-samples {r.samples}" if r.samples is not None else ""
+        cmd += f" --refine-inputs {r.inputs}" if r.inputs else ""
+    return ["```bash", cmd + " --output OUT", "```"]
 
 
 def _usage(info: Record) -> list[str]:

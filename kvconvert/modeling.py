@@ -16,7 +16,18 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KVConvertError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch's own message lists twenty device types kvconvert does not use
+        raise KVConvertError(f"--device {device} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise KVConvertError(
+            f"--device {device} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible; use "
+            "cuda:0 .. cuda:N-1"
+        )
+    if resolved.type not in ("cpu", "cuda"):
+        raise KVConvertError(f"--device {device}: kvconvert runs on the CPU or CUDA; use auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -161,6 +161,7 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     n_new = parse_heads(req.heads, geom)
     prepare_output(req.output, ckpt.path, req.overwrite)
     check_source(ckpt, require_tokenizer=not req.allow_missing_tokenizer)
+    protected = retrieval_heads(req.protect_retrieval, geom, n_new, req.grouping) if req.protect_retrieval else None
     timings["load"] = time.perf_counter() - t0
 
     with scratch_dir(_existing_parent(req.output), ".kvconvert-stats-") as tmp:
@@ -175,7 +176,39 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
             windows = request_windows(ckpt, req.calibration, progress)
             stats = run_calibration(ckpt, req.calibration, Path(tmp) / "stats.safetensors", progress, windows=windows)
         timings["calibrate"] = time.perf_counter() - t0
-        return _compress_with_stats(req, ckpt, stats, windows, n_new, timings, progress, Path(tmp))
+        return _compress_with_stats(req, ckpt, stats, windows, n_new, timings, progress, Path(tmp), protected)
+
+
+def retrieval_heads(profile: Path, geom, n_new: int, grouping: str) -> list[list[int]]:
+    """The retrieval KV heads per layer of a `kvconvert profile` file, checked against this model's layers and
+    KV heads (before any long work: a profile of another model is one line, not an IndexError after calibrating).
+    Only the grouping search of a count that divides the KV heads weighs them; elsewhere the option is refused,
+    not ignored."""
+    from kvconvert.razor.store import load_profile
+
+    if grouping != "search" or geom.num_kv_heads % n_new:
+        raise KVConvertError(
+            f"--protect-retrieval steers --grouping search when the new count divides the current KV heads; "
+            f"{geom.num_kv_heads} -> {n_new} KV heads with --grouping {grouping} would ignore it: drop it, or pick "
+            "a count that divides the KV heads"
+        )
+
+    retrieval = load_profile(profile)["retrieval"]
+    if not isinstance(retrieval, list) or len(retrieval) != geom.num_layers:
+        count = len(retrieval) if isinstance(retrieval, list) else "no"
+        raise KVConvertError(
+            f"--protect-retrieval {profile} lists {count} layers of retrieval heads; this model has "
+            f"{geom.num_layers}: profile this model (`kvconvert profile MODEL`)"
+        )
+    for layer, heads in enumerate(retrieval):
+        listed = heads if isinstance(heads, list) else [heads]
+        bad = [h for h in listed if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < geom.num_kv_heads]
+        if bad:
+            raise KVConvertError(
+                f"--protect-retrieval {profile} names KV head {bad[0]!r} in layer {layer}; this "
+                f"model has KV heads 0-{geom.num_kv_heads - 1}: profile this model (`kvconvert profile MODEL`)"
+            )
+    return [heads if isinstance(heads, list) else [heads] for heads in retrieval]
 
 
 def _existing_parent(path: Path) -> Path:
@@ -193,13 +226,9 @@ def _compress_with_stats(
     timings: dict[str, float],
     progress: Progress,
     scratch: Path,
+    protected: list[list[int]] | None = None,
 ) -> CompressResult:
     device = resolve_device(req.calibration.device)
-    protected = None
-    if req.protect_retrieval:
-        from kvconvert.razor.store import load_profile
-
-        protected = load_profile(req.protect_retrieval)["retrieval"]
 
     def planner(on_layer: OnLayer | None = None, order: list[int] | None = None) -> CompressionPlan:
         return plan_compression(
@@ -286,8 +315,8 @@ def _export(
         timings[stage] = time.perf_counter() - t0
         t1 = time.perf_counter()
         final = Converted(conv.ckpt, _whole(conv.plan), conv.overrides)
-        result = verify_streamed(staged, final, device)
-        if result.ok and req.reload_check:
+        result = verify_streamed(staged, final, device) if req.verify else None
+        if req.reload_check and (result is None or result.ok):  # asked for by itself, it runs by itself
             result = verify(staged, converted_in_memory(final), trust_remote_code=conv.ckpt.trust_remote_code)
         timings["verify"] = time.perf_counter() - t1
         if not result.ok:
@@ -304,7 +333,7 @@ def _export(
         max_shard_size=req.max_shard_size,
         overwrite=req.overwrite,
         progress=progress,
-        check=check if req.verify else None,
+        check=check if req.verify or req.reload_check else None,
     )
     timings.setdefault(stage, time.perf_counter() - t0)
     return checked[0] if checked else None
@@ -321,6 +350,16 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
     n_new = plan.num_kv_heads_after
     key = ckpt.family.tensor_name(0, "k", "weight")
     dtype = ckpt.tensors.dtype(key if key in ckpt.tensors else next(iter(ckpt.tensors.names())))
+    context = getattr(ckpt.config, "max_position_embeddings", None)
+    at_context = None
+    if context:
+        from kvconvert.evaluation.kvcache import kv_cache_bytes
+
+        converted = Converted(ckpt, plan).config
+        at_context = {
+            "before": kv_cache_bytes(ckpt.config, dtype.itemsize, context),
+            "after": kv_cache_bytes(converted, dtype.itemsize, context),
+        }
     return new_record(
         **{
             "name": (ckpt.base_model or "").rsplit("/", 1)[-1] or Path(ckpt.spec).name or ckpt.spec,
@@ -337,7 +376,8 @@ def conversion_record(ckpt: Checkpoint, plan: CompressionPlan, stats: Calibratio
                     "before": geom.kv_bytes_per_token(dtype.itemsize),
                     "after": geom.with_kv_heads(n_new).kv_bytes_per_token(dtype.itemsize),
                 },
-                "context_length": getattr(ckpt.config, "max_position_embeddings", None),
+                "context_length": context,
+                "bytes_at_context": at_context,
             },
             "fingerprint": stats.fingerprint,
             "calibration": {

@@ -12,6 +12,13 @@ def check_source(ckpt: Checkpoint, *, require_tokenizer: bool = True) -> None:
     Opening the shards catches missing, truncated and corrupt files; NaN/Inf in attention weights is caught when
     each layer is read (`Checkpoint.attention`).
     """
+    quantization = ckpt.raw_config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+        raise KVConvertError(
+            f"{ckpt.spec} is a quantized checkpoint ({method}); kvconvert merges floating-point weights: convert "
+            "the unquantized (bfloat16, float16 or float32) checkpoint, then quantize the output"
+        )
     reader, fam = ckpt.tensors, ckpt.family
     geom = fam.geometry(ckpt.config)
     needed = [fam.embed_name] + [n for i in range(geom.num_layers) for n in fam.weight_names(i)]

@@ -37,6 +37,8 @@ class KVCache(Section):
     dtype_bytes: int
     bytes_per_token: BeforeAfter
     context_length: int | None = None
+    bytes_at_context: BeforeAfter | None = None
+    """The cache after `context_length` tokens, sliding-window layers keeping only their window."""
 
 
 class Calibration(Section):

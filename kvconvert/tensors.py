@@ -113,7 +113,13 @@ class TensorReader:
 
     def dtype(self, name: str) -> torch.dtype:
         with self._slice(name) as f:
-            return SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
+            code = f.get_slice(name).get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise KVConvertError(
+                f"tensor {name} of {self.directory} is stored as {code}, which kvconvert cannot convert (a quantized "
+                "checkpoint?); use a bfloat16, float16 or float32 copy"
+            )
+        return SAFETENSORS_DTYPES[code]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         with self._slice(name) as f:

@@ -6,6 +6,7 @@ builds its options from these fields, so defaults and choices live only here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,18 @@ def dtype_field(panel: str) -> Any:
 
 
 def max_shard_size_field() -> Any:
-    return setting("5GB", "Largest safetensors shard.", OUTPUT, metavar="SIZE")
+    return setting("5GB", "Largest safetensors shard (KB, MB, GB or TB: 500MB, 5GB).", OUTPUT, metavar="SIZE")
+
+
+SHARD_SIZE = re.compile(r"\s*\d+(\.\d*)?\s*[KMGT]B\s*", re.IGNORECASE)
+"""What huggingface_hub's shard split reads (`parse_size_to_int`): a number and one of KB, MB, GB, TB."""
+
+
+def check_shard_size(v: Any) -> Any:
+    """Refuse a size the shard writer cannot read now, not after calibration and refinement have run."""
+    if isinstance(v, str) and not SHARD_SIZE.fullmatch(v):
+        raise ValueError(f"{v!r} is not a size; write a number and KB, MB, GB or TB (500MB, 5GB)")
+    return v
 
 
 def output_field(metavar: str = "DIR") -> Any:
@@ -133,6 +145,8 @@ class CompressConfig(StageConfig):
     max_shard_size: str = max_shard_size_field()
     allow_missing_tokenizer: bool = setting(False, "Write the output even if MODEL has no tokenizer files.", SAFETY)
 
+    _shard_size = field_validator("max_shard_size")(check_shard_size)
+
     @field_validator("heads", mode="before")
     @classmethod
     def _heads(cls, v: Any) -> str:
@@ -195,6 +209,8 @@ class HealRequest(HealConfig):
     keep_state: bool = setting(False, "Keep the state directory after success.", OUTPUT)
     max_shard_size: str = max_shard_size_field()
     verify: bool = setting(True, "Reload the output with stock transformers and compare logits.", SAFETY)
+
+    _shard_size = field_validator("max_shard_size")(check_shard_size)
 
 
 class CompressRequest(SourceConfig, CompressConfig):
