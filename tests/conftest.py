@@ -23,3 +23,14 @@ def tiny_llama(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("qwen2"), "qwen2", tied=True)
+
+
+@pytest.fixture(scope="session")
+def student(tiny_llama, text_a, tmp_path_factory):
+    """tiny_llama merged from 4 to 1 KV head (mean pooling): the model the heal tests heal."""
+    from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
+
+    out = tmp_path_factory.mktemp("student") / "s"
+    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4, device="cpu")
+    run_compress(CompressRequest(str(tiny_llama), "1", out, method="mean", calibration=cal))
+    return out

@@ -49,6 +49,11 @@ def no_calibration(monkeypatch):
     monkeypatch.setattr("kvconvert.pipeline.run_calibration", calibrated)
 
 
+def compress(model, text, out, *extra: str) -> subprocess.CompletedProcess:
+    """`kvconvert compress MODEL --heads 2 --dataset TEXT` (tiny calibration) into `out`, plus `extra`."""
+    return kvconvert("compress", str(model), "--heads", "2", "--dataset", str(text), *CAL, "-o", str(out), *extra)
+
+
 # --- --max-shard-size ----------------------------------------------------------------------------------------------
 
 
@@ -57,19 +62,7 @@ def test_a_bad_max_shard_size_is_one_line(tiny_llama, tmp_path, text_a, size):
     """`--max-shard-size 1GiB` (or a bare byte count) was a ValueError traceback from huggingface_hub, raised only
     after the whole calibration (or refinement) had run."""
     out = tmp_path / "out"
-    r = kvconvert(
-        "compress",
-        str(tiny_llama),
-        "--heads",
-        "2",
-        "--dataset",
-        str(text_a),
-        *CAL,
-        "-o",
-        str(out),
-        "--max-shard-size",
-        size,
-    )
+    r = compress(tiny_llama, text_a, out, "--max-shard-size", size)
     refused(r, "--max-shard-size")
     assert not out.exists()
 
@@ -84,20 +77,7 @@ def test_a_bad_max_shard_size_is_refused_before_calibrating(tiny_llama, tmp_path
 
 def test_valid_max_shard_sizes_still_shard(tiny_llama, tmp_path, text_a):
     out = tmp_path / "out"
-    r = kvconvert(
-        "compress",
-        str(tiny_llama),
-        "--heads",
-        "2",
-        "--dataset",
-        str(text_a),
-        *CAL,
-        "-o",
-        str(out),
-        "--max-shard-size",
-        "100kb",
-        "--no-verify",
-    )
+    r = compress(tiny_llama, text_a, out, "--max-shard-size", "100kb", "--no-verify")
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "model.safetensors.index.json").is_file()
 
@@ -161,45 +141,17 @@ def _profile(path: Path, retrieval) -> Path:
     return path
 
 
-def test_a_profile_with_fewer_layers_is_one_line(tiny_llama, tmp_path, text_a):
-    """A profile of another model (1 layer for a 2-layer model) was an IndexError traceback from decompose."""
-    profile = _profile(tmp_path / "p.json", [[0, 1]])
+@pytest.mark.parametrize(
+    "retrieval",
+    [[[0, 1]], [[0, 7], [9]]],
+    ids=["fewer layers (an IndexError traceback)", "KV heads 7 and 9 of a 4-KV-head model (silently ignored)"],
+)
+def test_a_profile_of_another_model_is_one_line(tiny_llama, tmp_path, text_a, retrieval):
+    """A profile made for another model: refused in one line, nothing written."""
+    profile = _profile(tmp_path / "p.json", retrieval)
     out = tmp_path / "out"
-    r = kvconvert(
-        "compress",
-        str(tiny_llama),
-        "--heads",
-        "2",
-        "--dataset",
-        str(text_a),
-        *CAL,
-        "-o",
-        str(out),
-        "--protect-retrieval",
-        str(profile),
-    )
-    refused(r, str(profile))
-    assert not out.exists()
-
-
-def test_a_profile_naming_kv_heads_the_model_lacks_is_refused(tiny_llama, tmp_path, text_a):
-    """KV heads 7 and 9 of a 4-KV-head model were silently ignored: the "protected" grouping was the plain one."""
-    profile = _profile(tmp_path / "p.json", [[0, 7], [9]])
-    out = tmp_path / "out"
-    r = kvconvert(
-        "compress",
-        str(tiny_llama),
-        "--heads",
-        "2",
-        "--dataset",
-        str(text_a),
-        *CAL,
-        "-o",
-        str(out),
-        "--protect-retrieval",
-        str(profile),
-    )
-    refused(r, str(profile))
+    args = ["compress", str(tiny_llama), "--heads", "2", "--dataset", str(text_a), *CAL, "-o", str(out)]
+    refused(kvconvert(*args, "--protect-retrieval", str(profile)), str(profile))
     assert not out.exists()
 
 
@@ -221,26 +173,8 @@ def test_the_cards_reproduce_command_includes_the_refinement(tiny_llama, tmp_pat
     """A refined output's card said "refined: 2 steps per layer on 2 windows (original)", yet its "Reproduce"
     command had no --refine-* option: running it makes the plain merge, another model."""
     out = tmp_path / "out"
-    r = kvconvert(
-        "compress",
-        str(tiny_llama),
-        "--heads",
-        "2",
-        "--dataset",
-        str(text_a),
-        *CAL,
-        "-o",
-        str(out),
-        "--refine-steps",
-        "2",
-        "--refine-samples",
-        "2",
-        "--refine-inputs",
-        "original",
-        "--refine-lr",
-        "0.01",
-        "--no-verify",
-    )
+    refine = ("--refine-steps", "2", "--refine-samples", "2", "--refine-inputs", "original", "--refine-lr", "0.01")
+    r = compress(tiny_llama, text_a, out, *refine, "--no-verify")
     assert r.returncode == 0, r.stderr[-2000:]
     card = (out / "README.md").read_text()
     command = next(line for line in card.splitlines() if line.startswith("kvconvert compress "))
@@ -294,20 +228,7 @@ def test_reload_check_runs_when_asked_for_with_no_verify(tiny_llama, tmp_path, t
     """`--no-verify --reload-check` (skip the streamed check, keep the whole-model stock reload) silently ran no
     check at all: the summary said "verify": null and no reload happened."""
     out = tmp_path / "out"
-    r = kvconvert(
-        "compress",
-        str(tiny_llama),
-        "--heads",
-        "2",
-        "--dataset",
-        str(text_a),
-        *CAL,
-        "-o",
-        str(out),
-        "--no-verify",
-        "--reload-check",
-        "--json",
-    )
+    r = compress(tiny_llama, text_a, out, "--no-verify", "--reload-check", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout)
     assert summary["verify"] is not None and summary["verify"]["ok"], summary

@@ -15,6 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+import kvconvert.runtime as runtime
 from tests.tiny import DEVICES, make_model
 
 # Ops that legitimately take tensors of two devices (copies, and CPU index tensors into device tensors).
@@ -100,6 +101,22 @@ def test_nll_scores_device_logits_against_cpu_windows():
         nll(logits, ids, 2)
 
 
+class FullCache:
+    """A runtime serving the full cache under another name: only evaluate_cache's own placement and timing are
+    under test."""
+
+    def attach(self, model):
+        pass
+
+    def new_cache(self, model, batch=1):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+
+    def kv_bytes(self, tokens, batch=1):
+        return 0
+
+
 def test_eval_cache_decode_ids_go_to_the_model_device(tiny, monkeypatch):
     """evaluate_cache's decode timing fed `torch.randint(...)` CPU ids to the model (after a prefill of them)."""
     from kvconvert.evaluation import cached
@@ -115,21 +132,7 @@ def test_eval_cache_decode_ids_go_to_the_model_device(tiny, monkeypatch):
 
     monkeypatch.setattr(model, "forward", forward)
 
-    class Runtime:  # the full cache under another name: only evaluate_cache's own placement is under test
-        def attach(self, m):
-            pass
-
-        def new_cache(self, m, batch=1):
-            from transformers import DynamicCache
-
-            return DynamicCache(config=m.config)
-
-        def kv_bytes(self, tokens, batch=1):
-            return 0
-
-    import kvconvert.runtime as runtime
-
-    monkeypatch.setattr(runtime, "runtime_for", lambda spec, m: Runtime())
+    monkeypatch.setattr(runtime, "runtime_for", lambda spec, m: FullCache())
     monkeypatch.setattr(cached, "nll", lambda logits, ids, skip: (1.0, 1))
     monkeypatch.setattr(cached, "passkey_parts", lambda tok, ctx, depth, key: (torch.ones(1, 8, dtype=torch.long),) * 2)
     tok = SimpleNamespace(decode=lambda ids: "")
@@ -253,21 +256,7 @@ def test_eval_cache_decode_timing_waits_for_the_device(tiny, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny).eval()
     tok = AutoTokenizer.from_pretrained(tiny)
     windows = torch.randint(5, 300, (1, 16), generator=torch.Generator().manual_seed(0))
-    import kvconvert.runtime as runtime
-
-    class Full:
-        def attach(self, m):
-            pass
-
-        def new_cache(self, m, batch=1):
-            from transformers import DynamicCache
-
-            return DynamicCache(config=m.config)
-
-        def kv_bytes(self, tokens, batch=1):
-            return 0
-
-    monkeypatch.setattr(runtime, "runtime_for", lambda spec, m: Full())
+    monkeypatch.setattr(runtime, "runtime_for", lambda spec, m: FullCache())
     cached.evaluate_cache(model, tok, "other", windows, [40], chunk=16, new_tokens=2)
     clocks = [i for i, e in enumerate(events) if e[0] == "clock"]
     assert clocks, events

@@ -29,15 +29,6 @@ runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def student(tiny_llama, text_a, tmp_path_factory):
-    """tiny_llama merged from 4 to 1 KV head: the model to heal."""
-    out = tmp_path_factory.mktemp("student") / "s"
-    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4, device="cpu")
-    run_compress(CompressRequest(str(tiny_llama), "1", out, method="mean", calibration=cal))
-    return out
-
-
 def load(path):
     from transformers import AutoModelForCausalLM
 

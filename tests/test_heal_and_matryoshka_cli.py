@@ -18,21 +18,11 @@ from typer.testing import CliRunner
 from kvconvert.cli import _register, app
 from kvconvert.errors import KVConvertError
 from kvconvert.heal import HealRequest, run_heal
-from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
 from kvconvert.record import dump_record, read_record
 
 _register()
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def student(tiny_llama, text_a, tmp_path_factory):
-    """tiny_llama merged from 4 to 1 KV head: the model to heal."""
-    out = tmp_path_factory.mktemp("student") / "s"
-    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4, device="cpu")
-    run_compress(CompressRequest(str(tiny_llama), "1", out, method="mean", calibration=cal))
-    return out
 
 
 def request(student, teacher, text, output, **kw):
