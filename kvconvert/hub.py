@@ -102,9 +102,9 @@ def upload_plan(req: PushRequest) -> list[UploadFile]:
         old = load_record(root)
         record = old.with_sections(hub={"repo_id": req.repo_id})
         sizes[RECORD] = len(dump_record(record).encode())
-        if CARD in sizes and card_is_ours(root, old):
+        if card_is_ours(root, old):  # re-rendered, or written afresh where README.md is missing
             sizes[CARD] = len(model_card(record).encode())
-    return [UploadFile(path, size) for path, size in sizes.items()]
+    return [UploadFile(path, sizes[path]) for path in sorted(sizes)]
 
 
 def token_source() -> str | None:

@@ -137,6 +137,14 @@ def run_eval_cache(req: EvalRequest, progress: Progress | None = None) -> dict:
     from kvconvert.evaluation.perplexity import eval_windows
     from kvconvert.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
 
+    ignored = [
+        flag for flag, given in (("--baseline", req.baseline), ("--runtime-batch", req.runtime_batch > 1)) if given
+    ]
+    if ignored:
+        raise KVConvertError(
+            f"--cache compares MODEL with its own full cache (one sequence per measurement); drop "
+            f"{' and '.join(ignored)}, or run eval without --cache to compare MODEL with a baseline"
+        )
     ckpt, dev = resolve(req.model, progress=progress), resolve_device(req.device)
     lm, tok = load_model(ckpt, dev, resolve_dtype(req.dtype, dev)), load_tokenizer(ckpt)
     windows = eval_windows(lm, tok, req.dataset, req.samples, req.seq_len, req.seed, 1, text_field=req.text_field)

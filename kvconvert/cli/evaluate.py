@@ -92,7 +92,7 @@ def render(result: dict) -> None:
                 rt.add_row(
                     r["path"],
                     str(p["context"]),
-                    _mib(r["kv_cache"]["bytes_at_context"][str(p["context"])]),
+                    _mib(p["computed_cache_bytes"]),  # this run's: batch x (context + new tokens - 1)
                     "= computed" if p["cache_matches"] else f"{_mib(p['measured_cache_bytes'])} (differs)",
                     f"{p['prefill_seconds']:.2f}",
                     f"{p['decode_tokens_per_second']:.1f}",

@@ -40,6 +40,8 @@ def evaluate(
     specs = {"model": model_spec} | ({"baseline": baseline} if baseline else {})
     ckpts = {role: resolve(spec, progress=progress) for role, spec in specs.items()}
     tokenizer = load_tokenizer(ckpts["model"])
+    if baseline:
+        check_same_tokenizer(ckpts["model"], ckpts["baseline"], tokenizer)
     report: dict = {
         "schema": SCHEMA,
         "dataset": dataset,
@@ -86,6 +88,27 @@ def evaluate(
     if baseline:
         report["comparison"] = compare(report["baseline"], report["model"])
     return report
+
+
+def check_same_tokenizer(model, base, tokenizer) -> None:
+    """Refuse a baseline that reads other token ids than MODEL's tokenizer writes: its perplexity on the same
+    windows would not be comparable (or fail on ids past its vocabulary)."""
+    from kvconvert.errors import KVConvertError
+    from kvconvert.modeling import load_tokenizer
+
+    if base.has_tokenizer():
+        other = load_tokenizer(base)
+        same = other.get_vocab() == tokenizer.get_vocab() and (other.bos_token_id, other.eos_token_id) == (
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+        )
+    else:
+        same = base.config.vocab_size == model.config.vocab_size
+    if not same or len(tokenizer) > base.config.vocab_size:
+        raise KVConvertError(
+            f"baseline {base.spec} has another tokenizer than {model.spec} (vocabulary {base.config.vocab_size} vs "
+            f"{model.config.vocab_size}); eval scores both on the same tokens, so compare models that share one"
+        )
 
 
 def _short(spec: str) -> str:
