@@ -177,9 +177,11 @@ def calibrate(
     if windows is None:
         windows = calibration_windows(ckpt, text, device, dtype, part, progress)
         timings["text"] = time.perf_counter() - t0
-    local = torch.cat([windows[s:e] for s, e in part.batches(text.samples, text.batch_size)])
+    mine = part.batches(text.samples, text.batch_size)  # none when there are more processes than batches
+    local = torch.cat([windows[s:e] for s, e in mine]) if mine else windows[:0]
     source = {
         **text.model_dump(include={"dataset", "samples", "seq_len", "seed", "text_field"}),
+        **({"batch_size": text.batch_size} if text.dataset == SELF else {}),  # `self` samples are drawn per batch
         "dtype": str(dtype).removeprefix("torch."),
         "device": torch.device(device).type,  # `self` samples depend on it (CUDA and CPU draw other tokens)
         "tokens_sha256": windows_digest(windows),

@@ -204,6 +204,8 @@ def _reproduce(info: Record) -> list[str]:
     )
     if text_field := (cal.model_extra or {}).get("text_field"):
         cmd += f" --text-field {text_field}"
+    if batch_size := (cal.model_extra or {}).get("batch_size"):  # recorded for `self`: its samples depend on it
+        cmd += f" --batch-size {batch_size}"
     if r := info.refine:  # the refinement changed the weights: without it the command makes another model
         cmd += f" --refine-steps {r.steps} --refine-lr {r.lr}"
         cmd += f" --refine-samples {r.samples}" if r.samples is not None else ""

@@ -82,7 +82,7 @@ def stats_windows(ckpt: Checkpoint, stats: CalibrationStats, device: str, progre
         dataset=src["dataset"],
         samples=src["samples"],
         seq_len=src["seq_len"],
-        batch_size=8,
+        batch_size=src.get("batch_size", 1),  # `self` samples depend on it (recorded since; 1 is the default)
         seed=src.get("seed", 0),
         text_field=src.get("text_field"),
         device=device,
@@ -94,8 +94,8 @@ def stats_windows(ckpt: Checkpoint, stats: CalibrationStats, device: str, progre
             here, there = resolve_device(device).type, src.get("device", "another device")
             raise KVConvertError(
                 f"the stats' windows were sampled from the model (--dataset self) on {there}; sampling again on "
-                f"{here} gave other tokens (samples depend on the device and dtype): refine on {there}, recalibrate "
-                "here, or calibrate on a text dataset"
+                f"{here} gave other tokens (samples depend on the device, dtype and batch size): refine on {there}, "
+                "recalibrate here, or calibrate on a text dataset"
             )
         raise KVConvertError(
             f"the calibration text {src['dataset']} no longer gives the windows the stats were computed on; "

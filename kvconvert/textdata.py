@@ -18,10 +18,12 @@ from kvconvert.compat import cache_kwargs
 from kvconvert.errors import KVConvertError, first_line
 from kvconvert.io.digest import sha256_of
 from kvconvert.progress import Progress, Silent
+from kvconvert.tables import FORMATS as TABLE_FORMATS
+from kvconvert.tables import checked_rows, local_table
 from kvconvert.textfile import TextFile, file_tokens
 
 SELF = "self"
-LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_FORMATS = {".txt": "text", **TABLE_FORMATS}
 
 
 def aliases() -> dict[str, dict]:
@@ -78,11 +80,14 @@ def iter_documents(spec: str, text_field: str | None = None) -> Iterator[str | T
         if doc.has_text():
             yield doc
         return
-    import datasets
-
     if path.suffix in LOCAL_FORMATS and path.is_file():
-        ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    elif spec in table:
+        ds = local_table(path)
+        if ds is None:
+            return
+        field = _text_column(ds, spec, text_field)
+        yield from _table_texts(checked_rows(ds, path), field)
+        return
+    if spec in table:
         cfg = dict(table[spec])
         alias_field = cfg.pop("field", "text")  # never passed on: `field` means something else to the json loader
         text_field = text_field or alias_field
@@ -92,8 +97,11 @@ def iter_documents(spec: str, text_field: str | None = None) -> Iterator[str | T
         raise KVConvertError(f"dataset file {spec} not found or not one of {known}")
     else:
         ds = _hub(spec, split="train")
-    field = _text_column(ds, spec, text_field)
-    for row in ds:
+    yield from _table_texts(ds, _text_column(ds, spec, text_field))
+
+
+def _table_texts(rows: Iterable[dict], field: str) -> Iterator[str]:
+    for row in rows:
         text = row.get(field)
         if isinstance(text, str) and text.strip():
             yield text
@@ -268,7 +276,7 @@ def sample_windows(
     for span in todo:
         torch.manual_seed(seeds[span])
         out.append(_sample_batch(model, start, tokenizer.eos_token_id, span[1] - span[0], seq_len, device, on_token))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros((0, seq_len), dtype=torch.long)
 
 
 def _duration(seconds: float) -> str:

@@ -54,9 +54,12 @@ class TextFile:
                 yield chunk
 
     def _not_utf8(self) -> KVConvertError:
-        return KVConvertError(
-            f"dataset file {self.path} is not UTF-8 text (byte {first_bad_byte(self.path)}); convert it to UTF-8"
-        )
+        return not_utf8(self.path)
+
+
+def not_utf8(path: Path) -> KVConvertError:
+    """The error for a dataset file that is not UTF-8, naming its first bad byte."""
+    return KVConvertError(f"dataset file {path} is not UTF-8 text (byte {first_bad_byte(path)}); convert it to UTF-8")
 
 
 def first_bad_byte(path: Path) -> int | None:

@@ -24,19 +24,21 @@ def file_digest(path: Path, memo_dir: Path) -> str:
     path = path.resolve()
     stat = path.stat()
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    memo_dir.mkdir(parents=True, exist_ok=True)
     memo_path = memo_dir / MEMO
-    with FileLock(memo_dir / f".{MEMO}.lock"):
-        memo = _read(memo_path)
-        known = memo.get(str(path))
-        if (
-            isinstance(known, dict)
-            and {k: known.get(k) for k in stamp} == stamp
-            and isinstance(known.get("sha256"), str)
-        ):
-            return known["sha256"]
+    lock: FileLock | None = FileLock(memo_dir / f".{MEMO}.lock")
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        with lock:
+            memo = _read(memo_path)
+    except OSError:  # a read-only cache (shared, prebuilt): its memo is read, never written
+        lock, memo = None, _read(memo_path)
+    known = memo.get(str(path))
+    if isinstance(known, dict) and {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str):
+        return known["sha256"]
     digest = sha256_of(path)  # outside the lock: other files' lookups need not wait for a large read
-    with FileLock(memo_dir / f".{MEMO}.lock"):
+    if lock is None:
+        return digest
+    with lock:
         memo = {p: v for p, v in _read(memo_path).items() if Path(p).exists()}
         memo[str(path)] = stamp | {"sha256": digest}
         write_text(memo_path, json.dumps(memo, indent=1, sort_keys=True) + "\n")
