@@ -26,6 +26,7 @@ from kvconvert.overlap import OnLayer, PendingPlan
 from kvconvert.plan import CompressionPlan, LayerPlan
 from kvconvert.preflight import check_source
 from kvconvert.progress import Progress, Silent
+from kvconvert.razor.store import protected_heads
 from kvconvert.record import RECORD, Record, dump_record, new_record
 from kvconvert.refine import refine
 from kvconvert.sources import read_provenance
@@ -161,7 +162,7 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
     n_new = parse_heads(req.heads, geom)
     prepare_output(req.output, ckpt.path, req.overwrite)
     check_source(ckpt, require_tokenizer=not req.allow_missing_tokenizer)
-    protected = retrieval_heads(req.protect_retrieval, geom, n_new, req.grouping) if req.protect_retrieval else None
+    protected = protected_heads(req.protect_retrieval, geom, n_new, req.grouping) if req.protect_retrieval else None
     timings["load"] = time.perf_counter() - t0
 
     with scratch_dir(_existing_parent(req.output), ".kvconvert-stats-") as tmp:
@@ -177,38 +178,6 @@ def run_compress(req: CompressRequest, progress: Progress | None = None) -> Comp
             stats = run_calibration(ckpt, req.calibration, Path(tmp) / "stats.safetensors", progress, windows=windows)
         timings["calibrate"] = time.perf_counter() - t0
         return _compress_with_stats(req, ckpt, stats, windows, n_new, timings, progress, Path(tmp), protected)
-
-
-def retrieval_heads(profile: Path, geom, n_new: int, grouping: str) -> list[list[int]]:
-    """The retrieval KV heads per layer of a `kvconvert profile` file, checked against this model's layers and
-    KV heads (before any long work: a profile of another model is one line, not an IndexError after calibrating).
-    Only the grouping search of a count that divides the KV heads weighs them; elsewhere the option is refused,
-    not ignored."""
-    from kvconvert.razor.store import load_profile
-
-    if grouping != "search" or geom.num_kv_heads % n_new:
-        raise KVConvertError(
-            f"--protect-retrieval steers --grouping search when the new count divides the current KV heads; "
-            f"{geom.num_kv_heads} -> {n_new} KV heads with --grouping {grouping} would ignore it: drop it, or pick "
-            "a count that divides the KV heads"
-        )
-
-    retrieval = load_profile(profile)["retrieval"]
-    if not isinstance(retrieval, list) or len(retrieval) != geom.num_layers:
-        count = len(retrieval) if isinstance(retrieval, list) else "no"
-        raise KVConvertError(
-            f"--protect-retrieval {profile} lists {count} layers of retrieval heads; this model has "
-            f"{geom.num_layers}: profile this model (`kvconvert profile MODEL`)"
-        )
-    for layer, heads in enumerate(retrieval):
-        listed = heads if isinstance(heads, list) else [heads]
-        bad = [h for h in listed if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < geom.num_kv_heads]
-        if bad:
-            raise KVConvertError(
-                f"--protect-retrieval {profile} names KV head {bad[0]!r} in layer {layer}; this "
-                f"model has KV heads 0-{geom.num_kv_heads - 1}: profile this model (`kvconvert profile MODEL`)"
-            )
-    return [heads if isinstance(heads, list) else [heads] for heads in retrieval]
 
 
 def _existing_parent(path: Path) -> Path:

@@ -68,3 +68,33 @@ def attach_profile(checkpoint: Path, profile: dict) -> None:
     config[CONFIG_KEY] = config_entry(profile)
     write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     add_section(checkpoint, **{RECORD_SECTION: profile})
+
+
+def protected_heads(profile: Path, geom, n_new: int, grouping: str) -> list[list[int]]:
+    """The retrieval KV heads per layer of a `kvconvert profile` file, checked against this model's layers and
+    KV heads (before any long work: a profile of another model is one line, not an IndexError after calibrating).
+    Only the grouping search of a count that divides the KV heads weighs them; elsewhere the option is refused,
+    not ignored."""
+    if grouping != "search" or geom.num_kv_heads % n_new:
+        raise KVConvertError(
+            f"--protect-retrieval steers --grouping search when the new count divides the current KV heads; "
+            f"{geom.num_kv_heads} -> {n_new} KV heads with --grouping {grouping} would ignore it: drop it, or pick "
+            "a count that divides the KV heads"
+        )
+
+    retrieval = load_profile(profile)["retrieval"]
+    if not isinstance(retrieval, list) or len(retrieval) != geom.num_layers:
+        count = len(retrieval) if isinstance(retrieval, list) else "no"
+        raise KVConvertError(
+            f"--protect-retrieval {profile} lists {count} layers of retrieval heads; this model has "
+            f"{geom.num_layers}: profile this model (`kvconvert profile MODEL`)"
+        )
+    for layer, heads in enumerate(retrieval):
+        listed = heads if isinstance(heads, list) else [heads]
+        bad = [h for h in listed if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < geom.num_kv_heads]
+        if bad:
+            raise KVConvertError(
+                f"--protect-retrieval {profile} names KV head {bad[0]!r} in layer {layer}; this "
+                f"model has KV heads 0-{geom.num_kv_heads - 1}: profile this model (`kvconvert profile MODEL`)"
+            )
+    return [heads if isinstance(heads, list) else [heads] for heads in retrieval]
