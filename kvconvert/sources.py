@@ -38,7 +38,7 @@ PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 def cache_root() -> Path:
     """Where converted GGUF checkpoints are cached: $KVCONVERT_CACHE or ~/.cache/kvconvert."""
     env = os.environ.get("KVCONVERT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "kvconvert"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvconvert"  # a quoted "~/x" too
 
 
 def gguf_license(gguf: Path) -> str | None:

@@ -128,3 +128,12 @@ def test_a_reinstalled_builtin_gguf_reuses_its_expansion_and_a_cold_one_says_so(
     two = resolve(str(second), progress=log)
     assert two.path == one.path and log.lines == []
     assert two.config.num_key_value_heads == 3 and two.has_tokenizer()
+
+
+def test_a_quoted_tilde_in_the_cache_variable_means_home(monkeypatch, tmp_path):
+    """`KVCONVERT_CACHE="~/kvc"` (quoted, so the shell does not expand it) made a folder named `~` in the cwd."""
+    from kvconvert.sources import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KVCONVERT_CACHE", "~/kvc")
+    assert cache_root() == tmp_path / "kvc"

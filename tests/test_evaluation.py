@@ -157,3 +157,16 @@ def test_bad_contexts_are_a_usage_error(pair):
     _, conv = pair
     r = CliRunner().invoke(app, ["eval", str(conv), "--contexts", "512,lots"])
     assert r.exit_code == 2
+
+
+def test_sequences_beyond_the_trained_length_are_warned_about():
+    """`--seq-len 1024` or `--contexts 600` on a model of 512 positions was measured without a word."""
+    from types import SimpleNamespace
+
+    from kvconvert.evaluation.report import beyond_trained_length
+
+    config = SimpleNamespace(max_position_embeddings=512)
+    assert beyond_trained_length(config, [512, 480 + 32]) == []
+    (warning,) = beyond_trained_length(config, [256, 600 + 32])
+    assert "632" in warning and "512" in warning
+    assert beyond_trained_length(SimpleNamespace(), [10**6]) == []  # no limit known: nothing to say

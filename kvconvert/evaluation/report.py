@@ -42,6 +42,8 @@ def evaluate(
     tokenizer = load_tokenizer(ckpts["model"])
     if baseline:
         check_same_tokenizer(ckpts["model"], ckpts["baseline"], tokenizer)
+    for message in beyond_trained_length(ckpts["model"].config, [seq_len, *(c + new_tokens for c in contexts)]):
+        progress.log(message)
     report: dict = {
         "schema": SCHEMA,
         "dataset": dataset,
@@ -88,6 +90,19 @@ def evaluate(
     if baseline:
         report["comparison"] = compare(report["baseline"], report["model"])
     return report
+
+
+def beyond_trained_length(config, lengths: list[int]) -> list[str]:
+    """A warning for the longest sequence eval will run (a window, BOS included; a context with its new tokens) when
+    it passes the model's `max_position_embeddings`: measured all the same, but past what the model was made for."""
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(lengths)
+    if not limit or longest <= limit:
+        return []
+    return [
+        f"eval: warning: sequences of up to {longest:,} tokens, beyond the model's max_position_embeddings "
+        f"({limit:,}); the numbers there describe extrapolation, not the model as made"
+    ]
 
 
 def check_same_tokenizer(model, base, tokenizer) -> None:
