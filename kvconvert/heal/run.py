@@ -79,12 +79,14 @@ def run_heal(
     on_step: Callable[[StepInfo, torch.nn.Module], None] | None = None,
 ) -> HealResult | None:
     """Heal `req.student` towards `req.teacher` and write it to `req.output` (returns None on non-main processes)."""
-    with on_device_index(resolve_device(req.device)):
-        return _run_heal(req, progress, on_step)
+    device = resolve_device(req.device)
+    with on_device_index(device):
+        return _run_heal(req, device, progress, on_step)
 
 
 def _run_heal(
     req: HealRequest,
+    device: torch.device,
     progress: Progress | None,
     on_step: Callable[[StepInfo, torch.nn.Module], None] | None,
 ) -> HealResult | None:
@@ -97,7 +99,6 @@ def _run_heal(
     student_ckpt = resolve(req.student, allow_pickle=req.allow_pickle, progress=progress)
     teacher_ckpt = resolve(req.teacher, revision=req.teacher_revision, allow_pickle=req.allow_pickle, progress=progress)
     check_request(req, teacher_ckpt, student_ckpt)
-    device = resolve_device(req.device)
     dtype = resolve_dtype(req.dtype, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:

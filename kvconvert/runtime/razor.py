@@ -16,10 +16,14 @@ def _attn_config(model):
     return getattr(config, "get_text_config", lambda: config)()
 
 
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def policy_for(model, retrieval: list[list[int]], **rule) -> RazorPolicy:
     """A policy for `model`: its shape from the config; sliding-window layers keep their own window only."""
     config = _attn_config(model)
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n_kv = _kv_heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     # as transformers lays its own cache out: a `sliding_window` without `layer_types` (Mistral) slides every layer
     fixed = tuple(sliding_windows(config))
@@ -61,8 +65,7 @@ def razor_runtime(model, arg: str | None) -> RazorRuntime:
     profile = load_profile(arg) if arg else profile_of_config(_attn_config(model), model.config)
     source = arg or "the model's own profile"
     config = _attn_config(model)
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    made_for = {"num_layers": config.num_hidden_layers, "num_kv_heads": n_kv}
+    made_for = {"num_layers": config.num_hidden_layers, "num_kv_heads": _kv_heads(config)}
     for key, value in made_for.items():
         if key in profile and profile[key] != value:
             raise KVConvertError(
