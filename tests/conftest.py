@@ -34,3 +34,14 @@ def student(tiny_llama, text_a, tmp_path_factory):
     cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4, device="cpu")
     run_compress(CompressRequest(str(tiny_llama), "1", out, method="mean", calibration=cal))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_2kv(tiny_llama, text_a, tmp_path_factory):
+    """tiny_llama merged from 4 to 2 KV heads on text_a, as `kvconvert compress` writes it (copy it to change it)."""
+    from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
+
+    out = tmp_path_factory.mktemp("tiny-2kv") / "tiny-2kv"
+    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4, device="cpu")
+    run_compress(CompressRequest(str(tiny_llama), "2", out, calibration=cal))
+    return out

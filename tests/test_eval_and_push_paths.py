@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvconvert.pipeline import CalibrationRequest, CompressRequest, run_compress
 from tests.fakehub import FakeHub, Repo
 from tests.test_push import TOKEN, push_cli
 from tests.tiny import synthetic_text
 
 
-def eval_cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "kvconvert", "--threads", "1", "eval", *args]
+def eval_cli(model, text, *args: str, samples: int = 1, seq_len: int = 16) -> subprocess.CompletedProcess:
+    """`kvconvert eval MODEL --dataset TEXT` on a few short windows, plus `args`."""
+    data = ["--dataset", str(text), "--samples", str(samples), "--seq-len", str(seq_len)]
+    cmd = [sys.executable, "-m", "kvconvert", "--threads", "1", "eval", str(model), *args, *data]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -64,37 +65,18 @@ def test_a_baseline_with_another_tokenizer_is_refused(tiny_llama, other_vocab, t
     """Perplexities of models with different vocabularies are not comparable (the baseline would be scored on
     token ids of MODEL's tokenizer): eval scored the bigger one silently and crashed (IndexError) on the smaller."""
     model, baseline = (tiny_llama, other_vocab) if order == "bigger_baseline" else (other_vocab, tiny_llama)
-    r = eval_cli(
-        str(model),
-        "--baseline",
-        str(baseline),
-        "--dataset",
-        str(text_b),
-        "--samples",
-        "2",
-        "--seq-len",
-        "16",
-        "--no-card",
-    )
+    r = eval_cli(model, text_b, "--baseline", str(baseline), "--no-card", samples=2)
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("kvconvert: error: ") and "tokenizer" in lines[-1], r.stderr
     assert "Traceback" not in r.stderr
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_llama, text_a) -> Path:
-    out = tmp_path_factory.mktemp("push") / "tiny-2kv"
-    cal = CalibrationRequest(dataset=str(text_a), samples=4, seq_len=32, batch_size=4)
-    run_compress(CompressRequest(str(tiny_llama), "2", out, calibration=cal))
-    return out
-
-
-def test_push_without_a_local_card_lists_and_guards_the_card_it_writes(converted, tmp_path):
+def test_push_without_a_local_card_lists_and_guards_the_card_it_writes(tiny_llama_2kv, tmp_path):
     """With README.md deleted locally, push renders a fresh card and uploads it: --dry-run must list it, and a
     README.md on the Hub that kvconvert did not upload must not be replaced without --overwrite."""
     directory = tmp_path / "no-card"
-    shutil.copytree(converted, directory)
+    shutil.copytree(tiny_llama_2kv, directory)
     (directory / "README.md").unlink()
     dry = push_cli(None, str(directory), "tester/theirs", "--dry-run", "--json", home=tmp_path)
     assert dry.returncode == 0, dry.stderr
@@ -148,18 +130,7 @@ def test_eval_cache_refuses_the_options_it_would_ignore(tiny_llama, razor_profil
     """`eval --cache` compares MODEL with its own full cache, one sequence at a time: --baseline (another model) and
     --runtime-batch were accepted and silently ignored, so the table looked like a comparison it was not."""
     extra = [str(tiny_llama) if a == "BASE" else a for a in extra]
-    r = eval_cli(
-        str(tiny_llama),
-        "--cache",
-        f"razor:{razor_profile}",
-        *extra,
-        "--dataset",
-        str(text_b),
-        "--samples",
-        "1",
-        "--seq-len",
-        "16",
-    )
+    r = eval_cli(tiny_llama, text_b, "--cache", f"razor:{razor_profile}", *extra)
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvconvert: error: ") and extra[0] in lines[0], r.stderr

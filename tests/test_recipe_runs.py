@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -154,17 +153,6 @@ def fake_report(ppl_after: float, ppl_before: float | None, sha: str = "ab" * 32
     return report
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, tiny_llama, text_a) -> Path:
-    from kvconvert.config import CalibrateConfig, CompressRequest
-    from kvconvert.pipeline import run_compress
-
-    out = tmp_path_factory.mktemp("found") / "conv"
-    cal = CalibrateConfig(dataset=str(text_a), samples=4, seq_len=32, device="cpu")
-    run_compress(CompressRequest(str(tiny_llama), "2", out, calibration=cal))
-    return out
-
-
 def test_eval_of_a_folder_without_a_card_does_not_say_the_card_was_edited_by_hand(tmp_path):
     # `kvconvert profile MODEL --attach` (or `heal` of a plain checkpoint) leaves a kvconvert.json that has no card;
     # `eval MODEL` then said "README.md was edited by hand, so it was left as it is" about a file that is not there.
@@ -174,11 +162,11 @@ def test_eval_of_a_folder_without_a_card_does_not_say_the_card_was_edited_by_han
     assert not (tmp_path / CARD).exists()
 
 
-def test_eval_without_a_baseline_keeps_the_baseline_measured_on_the_same_tokens(converted, tmp_path):
+def test_eval_without_a_baseline_keeps_the_baseline_measured_on_the_same_tokens(tiny_llama_2kv, tmp_path):
     # `kvconvert run` measured before -> after; a later `kvconvert eval OUT` on the same tokens (same sha256) without
     # --baseline turned the card's "original" perplexity into "not measured".
     out = tmp_path / "out"
-    shutil.copytree(converted, out)
+    shutil.copytree(tiny_llama_2kv, out)
     record_evaluation(str(out), fake_report(30.0, 20.0), "base")
     record_evaluation(str(out), fake_report(30.0, None), None)
     ev = load_record(out).evaluation
